@@ -24,9 +24,9 @@ def upcycle(base_dir: str | Path, out_dir: str | Path, experts: int = 4, top_k: 
         raise MoteError(f"{base} is already a MoE checkpoint (config.json has 'mote'); give a dense checkpoint")
     check_weights(base)
     num_layers = cfg_json["text_config"]["num_hidden_layers"]
-    if top_k is None:
-        top_k = 1 if variant == "mote" else 2  # paper settings: MoTE top-1, MoE-LLaVA top-2
-    cfg = MoTEConfig(num_experts=experts, top_k=min(top_k, experts) if top_k is None else top_k,
+    if top_k is None:  # paper settings: MoTE top-1, MoE-LLaVA top-2
+        top_k = 1 if variant == "mote" else min(2, max(experts, 1))
+    cfg = MoTEConfig(num_experts=experts, top_k=top_k,
                      layers=parse_layers(layers, num_layers), variant=variant, init=init,
                      balance_coef=balance_coef).validate(num_layers)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # validated before anything is written

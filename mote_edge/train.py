@@ -1,0 +1,313 @@
+"""Training: stage `dense` (LLaVA-style: connector + LLM, vision tower on request) and stage `moe`
+(MoTE Stage III: only routers and routed experts train; LM loss on responses + balance loss).
+
+    mote-train CKPT_DIR --data train.json --images DIR -o OUT_DIR [--stage dense|moe] ...
+    torchrun --nproc_per_node N -m mote_edge.train ...   (DDP: gloo on CPU, nccl on GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import atomic_dir, load_model, save_model
+from .data import ConversationDataset, collate, load_records
+from .errors import MoteError, cli_entry
+from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss, world_size
+from .moe import moe_blocks
+from .model import mote_config
+
+STAGES = ("dense", "moe")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "moe"
+    steps: int | None = None  # optimizer steps; default: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 16  # global batch, over all ranks and accumulation micro-steps
+    grad_accum: int = 1
+    lr: float = 1.5e-4
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # moe stage: ternary experts, 0.1 then 0 from half way (two-stage)
+    train_vision: bool = False
+    balance_coef: float | None = None  # None: the checkpoint's value
+    save_every: int = 0
+    resume: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# what trains
+
+
+def set_trainable(model, cfg: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything, then unfreeze what the stage trains. Returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.stage == "moe":
+        if not moe_blocks(model):
+            raise MoteError("stage moe needs a MoE checkpoint; run mote-upcycle first (or use --stage dense)")
+        for b in moe_blocks(model):
+            for p in list(b.router.parameters()) + list(b.experts.parameters()):
+                p.requires_grad_(True)
+    else:
+        inner = model.model
+        for mod in (inner.multi_modal_projector, inner.language_model, model.lm_head):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+        if cfg.train_vision:
+            for p in inner.vision_tower.parameters():
+                p.requires_grad_(True)
+        for b in moe_blocks(model):  # a dense stage on a MoTE model still keeps the shared expert frozen
+            if b.shared_expert is not None:
+                for p in b.shared_expert.parameters():
+                    p.requires_grad_(False)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """Expert matrices get the (two-stage) weight decay; routers, norms, biases and embeddings none."""
+    decay, no_decay = [], []
+    for n, p in named:
+        (decay if p.ndim == 2 and "router" not in n and "embed" not in n else no_decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay, "two_stage": cfg.stage == "moe"},
+            {"params": no_decay, "weight_decay": 0.0, "two_stage": False}]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.warmup_ratio * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def apply_schedule(opt, step: int, total: int, cfg: TrainConfig) -> float:
+    lr = lr_at(step, total, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+        if g["two_stage"]:
+            g["weight_decay"] = cfg.weight_decay if step < total // 2 else 0.0
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------
+# data order: a seeded permutation per epoch; step s takes the s-th global batch, rank r its slice
+
+
+def global_batch_indices(n: int, step: int, batch: int, seed: int) -> list[int]:
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return perm[k * batch:(k + 1) * batch]
+
+
+def micro_batches(idx: list[int], rank: int, world: int, accum: int) -> list[list[int]]:
+    local = len(idx) // world
+    mine = idx[rank * local:(rank + 1) * local]
+    m = len(mine) // accum
+    return [mine[i * m:(i + 1) * m] for i in range(accum)]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (safetensors only: model, optimizer state; JSON for the rest)
+
+
+def save_training_state(model, opt, step: int, out: Path, side_files_from: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_model(model, tmp, side_files_from=side_files_from)
+        sd = opt.state_dict()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups}))
+
+
+def load_training_state(opt, ckpt: Path) -> int:
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    flat = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: str | Path,
+          cfg: TrainConfig, processor=None, progress: bool = True) -> dict:
+    """Train and write the final checkpoint to out_dir. Returns a summary (losses, steps, time)."""
+    from transformers import AutoProcessor
+
+    if cfg.stage not in STAGES:
+        raise MoteError(f"unknown stage {cfg.stage!r}; accepted: {', '.join(STAGES)}")
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    rank, world, device = setup_distributed() if not (dist.is_available() and dist.is_initialized()) else (
+        dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise MoteError(f"--batch-size {cfg.batch_size} must be divisible by ranks x --grad-accum "
+                        f"({world} x {cfg.grad_accum})")
+    records = load_records(data)
+    model = load_model(ckpt_dir)
+    processor = processor or AutoProcessor.from_pretrained(str(ckpt_dir))
+    dataset = ConversationDataset(records, images, processor)
+    pad_id = processor.tokenizer.pad_token_id
+    mcfg = mote_config(model)
+    coef = cfg.balance_coef if cfg.balance_coef is not None else (mcfg.balance_coef if mcfg else 0.0)
+
+    torch.manual_seed(cfg.seed)
+    named = set_trainable(model, cfg)
+    model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    total = cfg.steps or max(1, int(cfg.epochs * len(dataset) // cfg.batch_size))
+    start = 0
+    if cfg.resume and (last := latest_checkpoint(out_dir)) is not None:
+        model.load_state_dict(load_model(last).state_dict())
+        start = load_training_state(opt, last)
+    blocks = moe_blocks(model)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    history = []
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"train[{cfg.stage}]",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in bar:
+        lr = apply_schedule(opt, step, total, cfg)
+        idx = global_batch_indices(len(dataset), step, cfg.batch_size, cfg.seed)
+        micros = [collate([dataset[i] for i in mb], pad_id) for mb in micro_batches(idx, rank, world, cfg.grad_accum)]
+        n_resp = global_sum(sum((b["labels"][:, 1:] != IGNORE).sum() for b in micros).float())
+        lm_total, bal_total = torch.zeros(()), torch.zeros(())
+        for j, batch in enumerate(micros):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = j == len(micros) - 1 or world == 1
+            ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx, autocast:
+                logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch.get("pixel_values")).logits
+                lm = lm_loss_sum(logits, batch["labels"]) / n_resp * world
+                bal = load_balance_loss(blocks, batch["attention_mask"]) if blocks else torch.zeros((), device=device)
+                loss = lm + coef * bal / len(micros)
+            loss.backward()
+            lm_total += lm.detach().cpu() / world
+            bal_total += bal.detach().cpu() / len(micros)
+            tokens_seen += int(batch["attention_mask"].sum()) * world
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lm_val = float(global_sum(lm_total))
+        bal_val = float(global_sum(bal_total)) / world
+        history.append({"step": step + 1, "lm_loss": lm_val, "balance_loss": bal_val, "lr": lr})
+        if rank == 0:
+            bar.set_postfix(loss=f"{lm_val:.3f}", bal=f"{bal_val:.3f}",
+                            tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                save_training_state(model, opt, step + 1, out_dir / "checkpoints" / f"step-{step + 1}", ckpt_dir)
+        if world > 1:
+            dist.barrier()
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        model.eval()
+        write_final(model, out_dir, ckpt_dir, history, cfg, elapsed)
+    return {"history": history, "steps": total, "seconds": elapsed}
+
+
+def write_final(model, out_dir: Path, src: Path, history: list, cfg: TrainConfig, elapsed: float) -> None:
+    """Final weights go to out_dir itself, replacing file by file so periodic checkpoints survive."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir.parent / f".{out_dir.name}.final", overwrite=True) as tmp:
+        save_model(model, tmp, side_files_from=src)
+        (tmp / "train_log.json").write_text(json.dumps(
+            {"config": cfg.__dict__, "seconds": round(elapsed, 1), "history": history}, indent=1))
+    final = out_dir.parent / f".{out_dir.name}.final"
+    for p in final.iterdir():
+        os.replace(p, out_dir / p.name)
+    shutil.rmtree(final)
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mote-train", description="Train a dense LLaVA or MoTE checkpoint.")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    p.add_argument("--images", required=True, help="image folder the records' 'image' paths are relative to")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--stage", choices=STAGES, default="moe")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default 1.5e-4 moe, 1e-3 dense)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0.1 moe (two-stage), 0 dense")
+    p.add_argument("--train-vision", action="store_true", help="dense stage: also train the vision tower")
+    p.add_argument("--balance-coef", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints' latest")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.steps is not None and a.steps < 1:
+        raise MoteError(f"--steps must be at least 1 (got {a.steps})")
+    cfg = TrainConfig(stage=a.stage, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
+                      grad_accum=a.grad_accum, lr=a.lr or (1.5e-4 if a.stage == "moe" else 1e-3),
+                      warmup_ratio=a.warmup_ratio,
+                      weight_decay=a.weight_decay if a.weight_decay is not None else (0.1 if a.stage == "moe" else 0.0),
+                      train_vision=a.train_vision, balance_coef=a.balance_coef, save_every=a.save_every,
+                      resume=a.resume, compile=a.compile, seed=a.seed)
+    out = Path(a.output)
+    if not out.parent.exists():
+        raise MoteError(f"output folder's parent {str(out.parent)!r} does not exist")
+    summary = train(a.ckpt_dir, a.data, a.images, out, cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        h = summary["history"]
+        print(f"wrote {out}: {summary['steps']} steps in {summary['seconds']:.0f}s, "
+              f"lm loss {h[0]['lm_loss']:.3f} -> {h[-1]['lm_loss']:.3f}" if h else f"wrote {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
