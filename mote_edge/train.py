@@ -130,6 +130,7 @@ def micro_batches(idx: list[int], rank: int, world: int, accum: int) -> list[lis
 def save_training_state(model, opt, step: int, out: Path, side_files_from: Path) -> None:
     from safetensors.torch import save_file
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, overwrite=True) as tmp:
         save_model(model, tmp, side_files_from=side_files_from)
         sd = opt.state_dict()
