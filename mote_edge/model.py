@@ -59,6 +59,21 @@ def mote_config(model) -> MoTEConfig | None:
 class MoTEForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA whose config may carry a "mote" entry; the MoE structure is rebuilt before loading."""
 
+    @classmethod
+    def _register_key_renames(cls) -> None:
+        """transformers 5 looks up its legacy key renames (`language_model.lm_head` -> `lm_head`, ...)
+        by class name first; a subclass is not found under "llava", so register llava's for it."""
+        from transformers import conversion_mapping as cm
+
+        if cls.__name__ not in cm.USER_REGISTERED_MAPPINGS:
+            cm.register_checkpoint_conversion_mapping(cls.__name__, cm.get_checkpoint_conversion_mapping("llava"),
+                                                      overwrite=True)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        cls._register_key_renames()
+        return super().from_pretrained(*args, **kwargs)
+
     def __init__(self, config):
         super().__init__(config)
         d = getattr(config, "mote", None)
