@@ -109,7 +109,7 @@ def run_shape(shape: str, a, bar) -> dict:
            "peak_rss_mib_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     for v in variants:
         med = statistics.median(v.times)
-        res[v.name] = {"min_s": min(v.times), "median_s": med, "max_s": max(v.times), "tokens_per_s": tokens / med,
+        res[v.name] = {"times_s": [round(t, 4) for t in v.times], "min_s": min(v.times), "median_s": med, "max_s": max(v.times), "tokens_per_s": tokens / med,
                        "trainable_params": v.trainable, "train_state_mib": v.state_mib()}
     res["ratio_mote_over_moe_llava"] = res["MoTE"]["median_s"] / res["MoE-LLaVA"]["median_s"]
     del variants, dense
