@@ -13,13 +13,13 @@ import argparse, copy, gc, json, os, platform, resource, statistics, time
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers import LlavaForConditionalGeneration
 
 from mote_edge.config import MoTEConfig
 from mote_edge.losses import IGNORE, lm_loss_sum, load_balance_loss
 from mote_edge.model import apply_mote_
 from mote_edge.moe import moe_blocks
-from mote_edge.tiny import TEXT, VISION
+from mote_edge.tiny import TEXT, VISION, dense_config
 from mote_edge.train import TrainConfig, param_groups, set_trainable
 
 # Qwen2.5-0.5B text widths are real. The vision tower is a REDUCED SigLIP (so400m: width 1152, 27
@@ -37,14 +37,8 @@ SHAPES = {  # name: (vision, text, vocab, default batch, default repeats)
 
 
 def build_dense(vision: dict, text: dict, vocab: int, num_layers: int, seed: int):
-    v = SiglipVisionConfig(**vision)
-    t = Qwen2Config(vocab_size=vocab, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                    **{**text, "num_hidden_layers": num_layers})
-    cfg = LlavaConfig(vision_config=v, text_config=t, projector_hidden_act="gelu",
-                      image_token_index=vocab - 1,  # the last id; text tokens are drawn below it
-                      image_seq_length=(v.image_size // v.patch_size) ** 2,
-                      vision_feature_select_strategy="full", vision_feature_layer=-1,
-                      tie_word_embeddings=t.tie_word_embeddings)
+    # image token = the last id; text tokens are drawn below it
+    cfg = dense_config(vision, {**text, "num_hidden_layers": num_layers}, vocab, image_token_index=vocab - 1)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(cfg)
 
@@ -109,7 +103,8 @@ def run_shape(shape: str, a, bar) -> dict:
            "peak_rss_mib_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     for v in variants:
         med = statistics.median(v.times)
-        res[v.name] = {"times_s": [round(t, 4) for t in v.times], "min_s": min(v.times), "median_s": med, "max_s": max(v.times), "tokens_per_s": tokens / med,
+        res[v.name] = {"times_s": [round(t, 4) for t in v.times], "min_s": min(v.times), "median_s": med,
+                       "max_s": max(v.times), "tokens_per_s": tokens / med,
                        "trainable_params": v.trainable, "train_state_mib": v.state_mib()}
     res["ratio_mote_over_moe_llava"] = res["MoTE"]["median_s"] / res["MoE-LLaVA"]["median_s"]
     del variants, dense
@@ -148,7 +143,8 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     shapes = list(SHAPES) if a.shape == "all" else [a.shape]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
     machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32"}
     print(f"machine: {machine}")

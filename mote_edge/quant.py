@@ -23,7 +23,9 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def ternary_scale(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().abs().mean().float().clamp(min=EPS)
+    """mean|W| accumulated in float64, then rounded to fp32: the sum order of torch and numpy then
+    no longer matters, so torch-free exporters reproduce the exact same scale (and codes)."""
+    return w.detach().abs().double().mean().float().clamp(min=EPS)
 
 
 def ternary_codes(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,18 +31,27 @@ TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_att
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
 
 
+def dense_config(vision: dict, text: dict, vocab_size: int, image_token_index: int,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """LlavaConfig for SigLIP + 2-layer GELU MLP + Qwen2, from the two sub-config dicts."""
+    from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    v = SiglipVisionConfig(**vision)
+    t = Qwen2Config(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id, **text)
+    return LlavaConfig(vision_config=v, text_config=t, projector_hidden_act="gelu",
+                       image_token_index=image_token_index,
+                       image_seq_length=(v.image_size // v.patch_size) ** 2,
+                       vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+                       vision_feature_layer=-1, tie_word_embeddings=t.tie_word_embeddings)
+
+
 def build_dense(tokenizer, seed: int = 0, vision: dict | None = None, text: dict | None = None):
     """A randomly initialised LLaVA (SigLIP + 2-layer GELU MLP + Qwen2) sized for the tokenizer."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaForConditionalGeneration
 
-    v = SiglipVisionConfig(**(vision or VISION))
-    t = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, **(text or TEXT))
-    cfg = LlavaConfig(vision_config=v, text_config=t, projector_hidden_act="gelu",
-                      image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                      image_seq_length=(v.image_size // v.patch_size) ** 2,
-                      vision_feature_select_strategy="full", vision_feature_layer=-1,
-                      tie_word_embeddings=t.tie_word_embeddings)
+    cfg = dense_config(vision or VISION, text or TEXT, len(tokenizer),
+                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -87,18 +96,28 @@ def make_tiny(work: Path, n_train: int = 6000, dense_epochs: float = 3.0, moe_ep
     return results
 
 
-def install_assets(work: Path, dest: Path = ASSETS) -> None:
-    """Copy the two checkpoints and the held-out test split into the package (the embedded default)."""
+def install_assets(work: Path, dest: Path = ASSETS) -> dict:
+    """Copy the two checkpoints (stored in bf16 to keep the package small) and the held-out test
+    split into the package as the embedded default, then re-measure accuracy on exactly the
+    stored files: those are the figures results.json and the README report."""
+    from .checkpoint import load_model
+
     if dest.exists():
         shutil.rmtree(dest)
-    for name in ("dense", "mote"):
-        shutil.copytree(work / name, dest / name, ignore=shutil.ignore_patterns("checkpoints"))
-    test = json.loads((work / "data" / "test.json").read_text())
     (dest / "data" / "images").mkdir(parents=True)
+    test = json.loads((work / "data" / "test.json").read_text())
     shutil.copy2(work / "data" / "test.json", dest / "data" / "test.json")
     for r in test:
         shutil.copy2(work / "data" / "images" / r["image"], dest / "data" / "images" / r["image"])
-    shutil.copy2(work / "results.json", dest / "results.json")
+    results = json.loads((work / "results.json").read_text())
+    for name in ("dense", "mote"):
+        save_model(load_model(work / name), dest / name, side_files_from=work / name, dtype=torch.bfloat16)
+        acc = evaluate(dest / name, dest / "data" / "test.json", dest / "data" / "images")
+        print(format_accuracy(f"{name} (stored bf16)", acc))
+        results[f"{name}_fp32"] = results[name]
+        results[name] = {k: v for k, v in acc.items() if k != "answers"}
+    (dest / "results.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 @cli_entry

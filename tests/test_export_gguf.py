@@ -1,0 +1,332 @@
+"""mote-export --format gguf, LLM half: exact ternary packing, the qwen2moe mapping, bad input, and
+(when llama-cpp-python is installed) loading, tokenizer parity and logit parity with PyTorch."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T, GGUFReader
+from gguf.quants import dequantize
+
+from mote_edge.checkpoint import load_model, save_model
+from mote_edge.deploy import ternary_experts
+from mote_edge.exporters import cli
+from mote_edge.exporters.errors import MoteExportError
+from mote_edge.exporters.gguf_llm import SHEXP_GATE, write_llm_gguf
+from mote_edge.exporters.safetensors_np import SafetensorsFile
+from mote_edge.exporters.ternary import pack_ternary, ternary_form
+from mote_edge.moe import moe_blocks
+from mote_edge.upcycle import upcycle
+
+from .conftest import TEXT, VISION
+
+TEXT256 = TEXT | {"hidden_size": 256, "intermediate_size": 512}
+LM = "model.language_model."
+
+
+def _perturb_experts(model):
+    """Move latent expert weights away from the FFN copy so codes differ per expert."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for b in moe_blocks(model):
+            b.router.weight.normal_(0, 0.5, generator=g)
+            for p in b.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
+
+
+def _moe_ckpt(base: Path, out: Path, **kw) -> Path:
+    upcycle(base, out, experts=4, **kw)
+    model = load_model(out)
+    _perturb_experts(model)
+    save_model(model, out, side_files_from=base)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense256(tmp_path_factory, processor):
+    """LLM widths 256 / 512, so the 256-weight ternary block types apply."""
+    from mote_edge.tiny import build_dense
+
+    out = tmp_path_factory.mktemp("ckpt256") / "dense"
+    save_model(build_dense(processor.tokenizer, seed=0, vision=VISION, text=TEXT256), out)
+    processor.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mote256(tmp_path_factory, dense256) -> Path:
+    return _moe_ckpt(dense256, tmp_path_factory.mktemp("ckpt256") / "mote", top_k=1, layers="all")
+
+
+@pytest.fixture(scope="session")
+def mote64(tmp_path_factory, dense_ckpt) -> Path:
+    return _moe_ckpt(dense_ckpt, tmp_path_factory.mktemp("ckpt64") / "mote", top_k=1, layers="all")
+
+
+def _tensors(path) -> dict:
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def _values(t) -> np.ndarray:
+    """Dequantized values of a GGUF tensor in numpy order (outer dims first)."""
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+
+
+def _field(reader: GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def _ckpt_weights(ckpt) -> dict:
+    with SafetensorsFile(Path(ckpt) / "model.safetensors") as f:
+        return {k: np.array(f.get(k), dtype=np.float32) for k in f.keys()}
+
+
+# ---- the deployable form, bit-exact with the torch code ------------------------------------------------
+
+
+@pytest.mark.parametrize("ckpt", ["mote256", "mote64"])
+def test_numpy_ternary_form_equals_torch_deploy_form(ckpt, request):
+    path = request.getfixturevalue(ckpt)
+    deploy = ternary_experts(load_model(path))
+    weights = _ckpt_weights(path)
+    assert len(deploy) == 2 * 4 * 3
+    for name, (codes, scale) in deploy.items():
+        np_codes, np_scale = ternary_form(weights[name])
+        assert np_scale == scale and np_scale.dtype == np.float32, name
+        assert np.array_equal(np_codes, codes), name
+        assert len(np.unique(codes)) == 3
+
+
+def test_numpy_ternary_form_reads_bf16_and_fp16_checkpoints_like_torch(mote256, tmp_path):
+    for dtype in (torch.bfloat16, torch.float16):
+        model = load_model(mote256)
+        save_model(model, tmp_path / str(dtype), dtype=dtype)
+        deploy = ternary_experts(load_model(tmp_path / str(dtype)))
+        weights = _ckpt_weights(tmp_path / str(dtype))
+        for name, (codes, scale) in deploy.items():
+            np_codes, np_scale = ternary_form(weights[name])
+            assert np_scale == scale and np.array_equal(np_codes, codes), (dtype, name)
+
+
+# ---- packing -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype, cols", [(T.TQ2_0, 512), (T.TQ1_0, 512), (T.Q4_0, 96), (T.F16, 40)])
+def test_pack_ternary_dequantizes_to_codes_times_fp16_scale(qtype, cols):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, size=(3, 8, cols)).astype(np.int8)
+    codes[1, :2] = 0  # all-zero rows/blocks must stay exact too
+    scales = np.array([0.0123, 1.5e-5, 3.75], dtype=np.float32)
+    packed = pack_ternary(codes, scales, qtype)
+    got = dequantize(packed, qtype) if qtype != T.F16 else packed.astype(np.float32)
+    want = codes * scales.astype(np.float16).astype(np.float32)[:, None, None]
+    assert got.shape == codes.shape and np.array_equal(got, want)
+
+
+def test_pack_ternary_takes_codes_only():
+    with pytest.raises(ValueError, match="int8 codes"):
+        pack_ternary(np.ones((4, 256), np.float32), np.float32(1.0), T.TQ2_0)
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        pack_ternary(np.full((4, 256), 2, np.int8), np.float32(1.0), T.TQ2_0)
+
+
+# ---- the written GGUF -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ckpt, ternary, want", [("mote256", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
+                                                 ("mote256", "tq1_0", {"gate": T.TQ1_0, "up": T.TQ1_0, "down": T.TQ1_0}),
+                                                 ("mote64", "tq2_0", {"gate": T.Q4_0, "up": T.Q4_0, "down": T.Q4_0})])
+def test_gguf_routed_experts_are_exactly_the_deployable_form(ckpt, ternary, want, request, tmp_path):
+    path = request.getfixturevalue(ckpt)
+    out = tmp_path / "m.gguf"
+    s = write_llm_gguf(path, out, ternary_type=ternary, progress=False)
+    deploy = ternary_experts(load_model(path))
+    tensors = _tensors(out)
+    for layer in range(2):
+        for proj, qtype in want.items():
+            t = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"]
+            assert t.tensor_type == qtype
+            expect = np.stack([codes * np.float32(np.float16(scale)) for codes, scale in
+                               (deploy[f"{LM}layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"] for e in range(4))])
+            assert np.array_equal(_values(t), expect), (layer, proj)
+    bpw = {T.TQ2_0: 2.0625, T.TQ1_0: 1.6875, T.Q4_0: 4.5}[want["gate"]]
+    assert s["routed_bpw"] == pytest.approx(bpw)
+    assert s["file_bytes"] == out.stat().st_size
+
+
+def test_gguf_mapping_shared_expert_router_attention_and_keys(mote256, tmp_path):
+    out = tmp_path / "m.gguf"
+    write_llm_gguf(mote256, out, shared_type="f32", other_type="f32", progress=False)
+    w = _ckpt_weights(mote256)
+    reader = GGUFReader(out)
+    t = {x.name: x for x in reader.tensors}
+    for layer in range(2):
+        L, b = f"{LM}layers.{layer}.", f"blk.{layer}."
+        for proj, factor in (("gate", 1), ("up", 1), ("down", 2)):  # down doubled: the 0.5 gate is undone
+            assert np.array_equal(_values(t[f"{b}ffn_{proj}_shexp.weight"]),
+                                  factor * w[f"{L}mlp.shared_expert.{proj}_proj.weight"])
+        assert np.all(_values(t[f"{b}ffn_gate_inp_shexp.weight"]) == SHEXP_GATE)
+        assert np.array_equal(_values(t[f"{b}ffn_gate_inp.weight"]), w[f"{L}mlp.router.weight"])
+        for p in "qkv":
+            assert np.array_equal(_values(t[f"{b}attn_{p}.weight"]), w[f"{L}self_attn.{p}_proj.weight"])
+            assert np.array_equal(_values(t[f"{b}attn_{p}.bias"]), w[f"{L}self_attn.{p}_proj.bias"])
+        assert t[f"{b}attn_norm.weight"].tensor_type == T.F32
+    emb = w[f"{LM}embed_tokens.weight"]
+    assert np.array_equal(_values(t["token_embd.weight"]), emb) and np.array_equal(_values(t["output.weight"]), emb)
+    cfg = json.loads((mote256 / "config.json").read_text())["text_config"]
+    keys = {"general.architecture": "qwen2moe", "qwen2moe.block_count": 2, "qwen2moe.embedding_length": 256,
+            "qwen2moe.expert_count": 4, "qwen2moe.expert_used_count": 1, "qwen2moe.attention.head_count": 4,
+            "qwen2moe.attention.head_count_kv": 2, "qwen2moe.expert_feed_forward_length": 512,
+            "qwen2moe.expert_shared_feed_forward_length": 512, "qwen2moe.context_length": 256,
+            "qwen2moe.rope.freq_base": 10000.0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+            "tokenizer.ggml.add_bos_token": False}
+    for k, v in keys.items():
+        assert _field(reader, k) == pytest.approx(v) if isinstance(v, float) else _field(reader, k) == v, k
+    assert _field(reader, "qwen2moe.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
+    tok = json.loads((mote256 / "tokenizer.json").read_text())
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg["vocab_size"]
+    assert all(tokens[i] == s for s, i in tok["model"]["vocab"].items())
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tokens.index("<|im_end|>")
+    assert "<|im_start|>" in _field(reader, "tokenizer.chat_template")
+
+
+def test_sparse_layers_are_encoded_exactly(dense256, tmp_path):
+    ckpt = _moe_ckpt(dense256, tmp_path / "sparse", top_k=1, layers="sparse")  # MoE on layer 1 only
+    out = tmp_path / "m.gguf"
+    s = write_llm_gguf(ckpt, out, shared_type="f32", progress=False)
+    assert s["dense_layers"] == [0] and s["moe_layers"] == [1]
+    w, t = _ckpt_weights(ckpt), _tensors(out)
+    for proj, factor in (("gate", 1), ("up", 1), ("down", 2)):  # the dense FFN rides as the shared expert
+        assert np.array_equal(_values(t[f"blk.0.ffn_{proj}_shexp.weight"]),
+                              factor * w[f"{LM}layers.0.mlp.{proj}_proj.weight"])
+        assert not np.any(_values(t[f"blk.0.ffn_{proj}_exps.weight"]))
+    assert not np.any(_values(t["blk.0.ffn_gate_inp.weight"]))
+    assert np.any(_values(t["blk.1.ffn_gate_exps.weight"]))
+
+
+def test_moe_llava_experts_and_zero_shared_expert(dense256, tmp_path):
+    ckpt = _moe_ckpt(dense256, tmp_path / "moe", variant="moe-llava", layers="all")
+    out = tmp_path / "m.gguf"
+    s = write_llm_gguf(ckpt, out, expert_type="f16", progress=False)
+    w, t = _ckpt_weights(ckpt), _tensors(out)
+    assert s["top_k"] == 2 and s["routed_types"] == ["F16"]
+    got = _values(t["blk.1.ffn_down_exps.weight"])
+    want = np.stack([w[f"{LM}layers.1.mlp.experts.{e}.down_proj.weight"] for e in range(4)])
+    assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
+    assert _values(t["blk.0.ffn_up_shexp.weight"]).shape == (32, 256)
+    assert not np.any(_values(t["blk.0.ffn_down_shexp.weight"]))
+    with pytest.raises(MoteExportError, match="--ternary-type is for MoTE"):
+        write_llm_gguf(ckpt, tmp_path / "x.gguf", ternary_type="tq2_0", progress=False)
+
+
+def test_float_types_and_fallback_report(mote64, tmp_path):
+    s = write_llm_gguf(mote64, tmp_path / "m.gguf", shared_type="q8_0", other_type="q4_0", progress=False)
+    t = _tensors(tmp_path / "m.gguf")
+    assert t["blk.0.ffn_up_shexp.weight"].tensor_type == T.Q8_0
+    assert t["blk.0.attn_q.weight"].tensor_type == T.Q4_0
+    assert t["blk.0.attn_norm.weight"].tensor_type == T.F32
+    assert any("TQ2_0 -> Q4_0" in f for f in s["fallbacks"])
+
+
+def test_exporter_does_not_import_torch(mote64, tmp_path):
+    """Export in a fresh interpreter where importing torch fails."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from mote_edge.exporters.cli import main\n"
+        f"main([{str(mote64)!r}, '-o', {str(tmp_path / 'm.gguf')!r}, '--quiet', '--no-mmproj'])\n"
+        "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "m.gguf").is_file()
+
+
+# ---- bad input: one error line, exit 2, nothing written ---------------------------------------------------
+
+
+def _edit_config(src, dst, edit):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _truncate(src, dst):
+    shutil.copytree(src, dst)
+    p = dst / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size - 100])
+    return dst
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing", [], "does not exist"),
+    ("llama", [], "unsupported architecture"),
+    ("not_qwen2", [], "unsupported language model"),
+    ("dense", [], "no 'mote' entry"),
+    ("truncated", [], "is truncated"),
+    ("garbage", [], "not a readable safetensors"),
+    ("ok", ["--shared-type", "q9_9"], "not a known type"),
+    ("ok", ["--other-type", "tq2_0"], "only for MoTE routed experts"),
+    ("ok", ["--ternary-type", "q4_0"], "accepted: tq2_0, tq1_0"),
+    ("ok", ["--expert-type", "f16"], "--expert-type is for MoE-LLaVA"),
+    ("ok", ["--format", "onnx"], "not available yet"),
+    ("no_out_dir", [], "output folder"),
+])
+def test_bad_input(case, args, message, mote64, dense_ckpt, tmp_path, capsys):
+    src = {
+        "missing": tmp_path / "nope",
+        "llama": lambda: _edit_config(mote64, tmp_path / "c", lambda c: c.update(model_type="llama")),
+        "not_qwen2": lambda: _edit_config(mote64, tmp_path / "c", lambda c: c["text_config"].update(model_type="llama")),
+        "dense": dense_ckpt,
+        "truncated": lambda: _truncate(mote64, tmp_path / "c"),
+        "garbage": lambda: _edit_config(mote64, tmp_path / "c", lambda c: None),
+    }.get(case, mote64)
+    src = src() if callable(src) else src
+    if case == "garbage":
+        (src / "model.safetensors").write_bytes(b"\xff" * 64)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = (tmp_path / "no" / "m.gguf") if case == "no_out_dir" else out_dir / "m.gguf"
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(src), "-o", str(out), "--quiet", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(mote64, tmp_path, monkeypatch):
+    from mote_edge.exporters import gguf_llm
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(gguf_llm, "pack_ternary", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_llm_gguf(mote64, tmp_path / "m.gguf", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_reader_matches_safetensors_library(mote256, tmp_path):
+    from safetensors.numpy import load_file
+
+    ref = load_file(str(mote256 / "model.safetensors"))
+    with SafetensorsFile(mote256 / "model.safetensors") as f:
+        assert sorted(f.keys()) == sorted(ref)
+        for k, v in ref.items():
+            assert f.shape(k) == v.shape and np.array_equal(f.get(k), v)
+    model = load_model(mote256)
+    save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    sd = model.to(torch.bfloat16).state_dict()
+    with SafetensorsFile(tmp_path / "bf16" / "model.safetensors") as f:
+        name = f"{LM}layers.0.mlp.experts.1.up_proj.weight"
+        assert f.dtype(name) == "BF16"
+        assert np.array_equal(f.get(name), sd[name].float().numpy())
