@@ -162,6 +162,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins the torchrun process group when launched by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), dev
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
@@ -181,8 +185,7 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
     if cfg.stage not in STAGES:
         raise MoteError(f"unknown stage {cfg.stage!r}; accepted: {', '.join(STAGES)}")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    rank, world, device = setup_distributed() if not (dist.is_available() and dist.is_initialized()) else (
-        dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    rank, world, device = setup_distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise MoteError(f"--batch-size {cfg.batch_size} must be divisible by ranks x --grad-accum "
                         f"({world} x {cfg.grad_accum})")
