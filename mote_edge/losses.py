@@ -17,10 +17,13 @@ def world_size() -> int:
 
 
 def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a (gradient-free) tensor over ranks."""
+    """Sum of a (gradient-free) tensor over ranks, returned on the tensor's own device."""
     x = x.detach().clone()
     if world_size() > 1:
-        dist.all_reduce(x)
+        # nccl reduces CUDA tensors only; gloo reduces CPU tensors (and CUDA ones by copy)
+        comm = x.cuda() if dist.get_backend() == "nccl" else x
+        dist.all_reduce(comm)
+        x = comm.to(x.device)
     return x
 
 
