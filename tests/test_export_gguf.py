@@ -67,6 +67,16 @@ def mote64(tmp_path_factory, dense_ckpt) -> Path:
     return _moe_ckpt(dense_ckpt, tmp_path_factory.mktemp("ckpt64") / "mote", top_k=1, layers="all")
 
 
+@pytest.fixture(scope="session")
+def embedded() -> Path:
+    """The trained tiny MoTE checkpoint shipped in the package (4 layers, hidden 256, 4 experts)."""
+    from mote_edge.tiny import ASSETS
+
+    if not (ASSETS / "mote" / "model.safetensors").is_file():
+        pytest.skip("embedded checkpoints not built")
+    return ASSETS / "mote"
+
+
 def _tensors(path) -> dict:
     return {t.name: t for t in GGUFReader(path).tensors}
 
@@ -89,12 +99,13 @@ def _ckpt_weights(ckpt) -> dict:
 # ---- the deployable form, bit-exact with the torch code ------------------------------------------------
 
 
-@pytest.mark.parametrize("ckpt", ["mote256", "mote64"])
+@pytest.mark.parametrize("ckpt", ["embedded", "mote256", "mote64"])
 def test_numpy_ternary_form_equals_torch_deploy_form(ckpt, request):
     path = request.getfixturevalue(ckpt)
     deploy = ternary_experts(load_model(path))
     weights = _ckpt_weights(path)
-    assert len(deploy) == 2 * 4 * 3
+    mote = json.loads((path / "config.json").read_text())["mote"]
+    assert len(deploy) == len(mote["layers"]) * mote["num_experts"] * 3
     for name, (codes, scale) in deploy.items():
         np_codes, np_scale = ternary_form(weights[name])
         assert np_scale == scale and np_scale.dtype == np.float32, name
@@ -138,7 +149,8 @@ def test_pack_ternary_takes_codes_only():
 # ---- the written GGUF -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ckpt, ternary, want", [("mote256", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
+@pytest.mark.parametrize("ckpt, ternary, want", [("embedded", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
+                                                 ("mote256", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
                                                  ("mote256", "tq1_0", {"gate": T.TQ1_0, "up": T.TQ1_0, "down": T.TQ1_0}),
                                                  ("mote64", "tq2_0", {"gate": T.Q4_0, "up": T.Q4_0, "down": T.Q4_0})])
 def test_gguf_routed_experts_are_exactly_the_deployable_form(ckpt, ternary, want, request, tmp_path):
@@ -147,7 +159,7 @@ def test_gguf_routed_experts_are_exactly_the_deployable_form(ckpt, ternary, want
     s = write_llm_gguf(path, out, ternary_type=ternary, progress=False)
     deploy = ternary_experts(load_model(path))
     tensors = _tensors(out)
-    for layer in range(2):
+    for layer in s["moe_layers"]:
         for proj, qtype in want.items():
             t = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"]
             assert t.tensor_type == qtype
@@ -225,6 +237,43 @@ def test_moe_llava_experts_and_zero_shared_expert(dense256, tmp_path):
         write_llm_gguf(ckpt, tmp_path / "x.gguf", ternary_type="tq2_0", progress=False)
 
 
+def test_dense_checkpoint_is_written_as_qwen2(dense_ckpt, tmp_path):
+    s = write_llm_gguf(dense_ckpt, tmp_path / "d.gguf", shared_type="f32", progress=False)
+    reader = GGUFReader(tmp_path / "d.gguf")
+    t, w = {x.name: x for x in reader.tensors}, _ckpt_weights(dense_ckpt)
+    assert _field(reader, "general.architecture") == "qwen2" and s["variant"] == "dense"
+    for p in ("gate", "up", "down"):
+        assert np.array_equal(_values(t[f"blk.1.ffn_{p}.weight"]), w[f"{LM}layers.1.mlp.{p}_proj.weight"])
+    assert "output.weight" not in t  # tied: qwen2 reuses token_embd
+    assert not any("exps" in n or "shexp" in n for n in t)
+
+
+def test_cli_writes_llm_and_mmproj_or_neither(mote64, tmp_path, capsys, monkeypatch):
+    cli.main([str(mote64), "-o", str(tmp_path / "m.gguf"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "routed experts: Q4_0" in out and "expert memory (shared + routed)" in out and "file size" in out
+    assert (tmp_path / "m.gguf").is_file() and (tmp_path / "m-mmproj.gguf").is_file()
+
+    def broken(*a, **k):
+        raise MoteExportError("bad vision tower")
+    monkeypatch.setattr(cli, "write_mmproj_hook", broken)
+    (tmp_path / "again").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(mote64), "-o", str(tmp_path / "again" / "m.gguf"), "--quiet"])
+    assert exc.value.code == 2 and "error: bad vision tower" in capsys.readouterr().err
+    assert list((tmp_path / "again").iterdir()) == []  # the LLM file written first is removed again
+
+
+def test_k_quants_without_llama_cpp_is_one_clear_error(monkeypatch):
+    from mote_edge.exporters import quantize
+
+    quantize.ggml_lib.cache_clear()
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MoteExportError, match="llama-cpp-python is not installed"):
+        quantize.parse_type("q4_k", "--shared-type")
+    quantize.ggml_lib.cache_clear()
+
+
 def test_float_types_and_fallback_report(mote64, tmp_path):
     s = write_llm_gguf(mote64, tmp_path / "m.gguf", shared_type="q8_0", other_type="q4_0", progress=False)
     t = _tensors(tmp_path / "m.gguf")
@@ -272,7 +321,8 @@ def _truncate(src, dst):
     ("missing", [], "does not exist"),
     ("llama", [], "unsupported architecture"),
     ("not_qwen2", [], "unsupported language model"),
-    ("dense", [], "no 'mote' entry"),
+    ("more_experts", [], "lacks model.language_model.layers.0.mlp.experts.4"),
+    ("no_tokenizer", [], "has no tokenizer.json"),
     ("truncated", [], "is truncated"),
     ("garbage", [], "not a readable safetensors"),
     ("ok", ["--shared-type", "q9_9"], "not a known type"),
@@ -287,13 +337,16 @@ def test_bad_input(case, args, message, mote64, dense_ckpt, tmp_path, capsys):
         "missing": tmp_path / "nope",
         "llama": lambda: _edit_config(mote64, tmp_path / "c", lambda c: c.update(model_type="llama")),
         "not_qwen2": lambda: _edit_config(mote64, tmp_path / "c", lambda c: c["text_config"].update(model_type="llama")),
-        "dense": dense_ckpt,
+        "more_experts": lambda: _edit_config(mote64, tmp_path / "c", lambda c: c["mote"].update(num_experts=5)),
+        "no_tokenizer": lambda: _edit_config(mote64, tmp_path / "c", lambda c: None),
         "truncated": lambda: _truncate(mote64, tmp_path / "c"),
         "garbage": lambda: _edit_config(mote64, tmp_path / "c", lambda c: None),
     }.get(case, mote64)
     src = src() if callable(src) else src
     if case == "garbage":
         (src / "model.safetensors").write_bytes(b"\xff" * 64)
+    if case == "no_tokenizer":
+        (src / "tokenizer.json").unlink()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = (tmp_path / "no" / "m.gguf") if case == "no_out_dir" else out_dir / "m.gguf"
@@ -330,3 +383,130 @@ def test_safetensors_reader_matches_safetensors_library(mote256, tmp_path):
         name = f"{LM}layers.0.mlp.experts.1.up_proj.weight"
         assert f.dtype(name) == "BF16"
         assert np.array_equal(f.get(name), sd[name].float().numpy())
+
+
+# ---- llama.cpp (llama-cpp-python): K-quants, loading, tokenizer and logit parity ---------------------------
+
+PROMPTS = ["What colour is the square?",
+           "<|im_start|>user\n<image>\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\n",
+           "There are 3 shapes: red, green & blue!!\n\n  two  spaces\ttab",
+           "h\u00e9llo w\u00f6rld \u2713 don't I'll 12345"]
+
+
+def test_ggml_c_quantizer_through_ctypes(mote256, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from gguf.quants import quantize
+
+    from mote_edge.exporters.quantize import _ggml_quantize
+
+    rows = np.random.default_rng(0).normal(size=(8, 512)).astype(np.float32)
+    assert np.array_equal(_ggml_quantize(rows, T.Q8_0), quantize(rows, T.Q8_0))  # same bytes as gguf-py's
+    s = write_llm_gguf(mote256, tmp_path / "m.gguf", shared_type="q4_k", other_type="q6_k", progress=False)
+    t, w = _tensors(tmp_path / "m.gguf"), _ckpt_weights(mote256)
+    for name, src, qtype, tol in (("blk.0.ffn_gate_shexp.weight", "layers.0.mlp.shared_expert.gate_proj.weight", T.Q4_K, 0.15),
+                                  ("blk.1.attn_q.weight", "layers.1.self_attn.q_proj.weight", T.Q6_K, 0.04)):
+        ref = w[LM + src]
+        assert t[name].tensor_type == qtype
+        assert np.abs(_values(t[name]) - ref).mean() < tol * np.abs(ref).mean(), name
+    assert not s["fallbacks"]
+
+
+def _llama(path, **kw):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, **kw)
+
+
+@pytest.fixture(scope="module", params=["embedded", "mote256"])
+def exported(request, tmp_path_factory):
+    """(checkpoint, GGUF) with everything but the ternary experts in f32, which isolates the MoE mapping."""
+    pytest.importorskip("llama_cpp")
+    ckpt = request.getfixturevalue(request.param)
+    out = tmp_path_factory.mktemp("gguf") / "mote.gguf"
+    write_llm_gguf(ckpt, out, shared_type="f32", other_type="f32", progress=False)
+    return ckpt, out
+
+
+def test_llama_cpp_tokenizer_matches_hf(exported):
+    from transformers import AutoTokenizer
+
+    ckpt, path = exported
+    hf = AutoTokenizer.from_pretrained(str(ckpt))
+    llm = _llama(path, vocab_only=True)
+    for text in PROMPTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False), text
+
+
+def _q8k_activations(x):
+    """llama.cpp's activation quantization for ternary dot products (Q8_K): int8 per 256-block
+    (round(x * 127 / max|block|)), where MoTE quantizes per token."""
+    import mote_edge.quant as mq
+
+    xf = x.detach().float()
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // 256, 256)
+    amax = b.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+    q = ((b * (127 / amax)).round() * (amax / 127)).reshape(xf.shape)
+    return mq.ste(x, q.to(x.dtype))
+
+
+def _parity(gguf_path, ckpt, text, monkeypatch):
+    """llama.cpp teacher-forced logits vs PyTorch's (MoTE as trained, and with Q8_K activations)."""
+    from transformers import AutoTokenizer
+
+    import mote_edge.quant as mq
+
+    ids = AutoTokenizer.from_pretrained(str(ckpt)).encode(text, add_special_tokens=False)
+    llm = _llama(gguf_path, logits_all=True, type_k=0, type_v=0)  # f32 KV cache
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    refs = []
+    for act in (mq.quantize_activation_int8, _q8k_activations):
+        monkeypatch.setattr(mq, "quantize_activation_int8", act)
+        with torch.no_grad():
+            refs.append(load_model(ckpt)(input_ids=torch.tensor([ids])).logits[0].numpy())
+    monkeypatch.undo()
+    stats = []
+    for ref in refs:
+        d = np.abs(got - ref)
+        stats.append(dict(top1=(got.argmax(-1) == ref.argmax(-1)).mean(), max=d.max(), mean=d.mean(),
+                          scale=np.abs(ref).mean()))
+    return stats
+
+
+PARITY_TEXT = PROMPTS[1] + "red circle<|im_end|>\n" + PROMPTS[1] + "two<|im_end|>\n" + PROMPTS[0]
+
+
+def test_llama_cpp_logits_match_pytorch(exported, monkeypatch):
+    """Teacher-forced, text only. llama.cpp quantizes the activations of ternary products to int8
+    per 256-weight block (Q8_K), MoTE per token: close, not equal. With PyTorch switched to Q8_K
+    activations the rest of the mapping is checked to fp32 rounding and int8 rounding flips."""
+    ckpt, path = exported
+    mote, q8k = _parity(path, ckpt, PARITY_TEXT, monkeypatch)
+    for tag, s in (("MoTE", mote), ("Q8_K", q8k)):
+        print(f"{ckpt.parent.name}/{ckpt.name} llama.cpp vs PyTorch ({tag} activations): top-1 {s['top1']:.3f}, "
+              f"max |dlogit| {s['max']:.2e}, mean {s['mean']:.2e} (mean |logit| {s['scale']:.3f})")
+    assert np.isfinite(mote["max"]) and mote["top1"] >= 0.95 and mote["mean"] < 0.01 * mote["scale"]
+    assert q8k["mean"] < 2e-3 * q8k["scale"] and q8k["max"] < 0.02 * q8k["scale"]
+
+
+def test_llama_cpp_dense_qwen2_matches_pytorch(dense_ckpt, tmp_path, monkeypatch):
+    """No quantization anywhere: the plain qwen2 export agrees to fp32 rounding."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "d.gguf"
+    write_llm_gguf(dense_ckpt, out, shared_type="f32", other_type="f32", progress=False)
+    s = _parity(out, dense_ckpt, PARITY_TEXT, monkeypatch)[0]
+    print(f"dense qwen2: top-1 {s['top1']:.3f}, max |dlogit| {s['max']:.2e}, mean {s['mean']:.2e}")
+    assert s["top1"] == 1.0 and s["max"] < 1e-3 * max(1.0, s["scale"])
+
+
+def test_llama_cpp_runs_sparse_and_moe_llava_encodings(dense256, tmp_path, monkeypatch):
+    """Dense layers (zero routed experts) and MoE-LLaVA (zero shared expert) load and match too."""
+    pytest.importorskip("llama_cpp")
+    for name, kw, ex in (("sparse", dict(top_k=1, layers="sparse"), {}),
+                         ("moe", dict(variant="moe-llava", layers="all"), {"expert_type": "f32"})):
+        ckpt = _moe_ckpt(dense256, tmp_path / name, **kw)
+        out = tmp_path / f"{name}.gguf"
+        write_llm_gguf(ckpt, out, shared_type="f32", other_type="f32", progress=False, **ex)
+        s = _parity(out, ckpt, PARITY_TEXT, monkeypatch)[1 if name == "sparse" else 0]
+        print(f"{name}: top-1 {s['top1']:.3f}, max |dlogit| {s['max']:.2e}, mean {s['mean']:.2e}")
+        assert np.isfinite(s["max"]) and s["top1"] >= 0.95 and s["mean"] < 2e-3 * s["scale"], name

@@ -1,0 +1,72 @@
+"""mote-export: a MoTE / MoE-LLaVA (or dense) checkpoint -> llama.cpp GGUF files (no torch needed).
+
+    mote-export CKPT_DIR -o model.gguf [--format gguf] [--ternary-type tq2_0|tq1_0]
+                [--shared-type f16] [--other-type f16] [--expert-type f16] [--no-mmproj]
+
+Writes model.gguf (the LLM: qwen2moe, or qwen2 for a dense checkpoint) and model-mmproj.gguf
+(the SigLIP tower and the MLP connector, for llama.cpp's mtmd).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from .errors import MoteExportError, cli_entry
+
+FORMATS = ("gguf", "onnx")
+
+
+def mmproj_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}-mmproj{out.suffix or '.gguf'}")
+
+
+def write_mmproj_hook(ckpt: Path, out: Path, ftype: str = "f16") -> dict | None:
+    """The vision half, from .gguf_mmproj when that module is present (it is written separately)."""
+    if importlib.util.find_spec(f"{__package__}.gguf_mmproj") is None:
+        print(f"note: mmproj writer not available in this build; {mmproj_path(out).name} not written")
+        return None
+    from .gguf_mmproj import write_mmproj
+
+    return write_mmproj(ckpt, mmproj_path(out), ftype=ftype)
+
+
+@cli_entry
+def main(argv=None):
+    try:  # gguf is an optional dependency of the package: say so in one line
+        from .gguf_llm import format_summary, write_llm_gguf
+        from .quantize import FLOAT_TYPES
+        from .ternary import TERNARY_TYPES
+    except ImportError as exc:
+        raise MoteExportError(f"{exc.name} is not installed; pip install 'mote-edge[gguf]'") from None
+    types = ", ".join(FLOAT_TYPES)
+    p = argparse.ArgumentParser(prog="mote-export", description=__doc__.split("\n")[0])
+    p.add_argument("ckpt_dir", help="MoTE or MoE-LLaVA checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. model.gguf")
+    p.add_argument("--format", default="gguf", help="gguf (onnx: not available yet)")
+    p.add_argument("--ternary-type", default=None, help=f"MoTE routed experts: {' | '.join(TERNARY_TYPES)} "
+                   "(default tq2_0; rows not a multiple of 256 fall back to an exact Q4_0 packing)")
+    p.add_argument("--shared-type", default="f16", help=f"shared expert, or a dense model's FFN (default f16): {types}")
+    p.add_argument("--other-type", default="f16", help=f"embeddings, output and attention (default f16): {types}")
+    p.add_argument("--expert-type", default=None, help=f"MoE-LLaVA experts (default f16): {types}")
+    p.add_argument("--mmproj-type", default="f16", help="vision tower + connector weights (default f16)")
+    p.add_argument("--no-mmproj", action="store_true", help="write only the LLM file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    fmt = a.format.strip().lower()
+    if fmt == "onnx":
+        raise MoteExportError("--format onnx is not available yet; accepted: gguf")
+    if fmt not in FORMATS:
+        raise MoteExportError(f"--format {a.format!r}; accepted: gguf")
+    ckpt, out = Path(a.ckpt_dir), Path(a.output)
+    summary = write_llm_gguf(ckpt, out, ternary_type=a.ternary_type, shared_type=a.shared_type,
+                             other_type=a.other_type, expert_type=a.expert_type, progress=not a.quiet)
+    print(format_summary(summary))
+    if not a.no_mmproj:
+        try:
+            info = write_mmproj_hook(ckpt, out, a.mmproj_type)
+        except BaseException:
+            out.unlink(missing_ok=True)  # all or nothing: a model without its projector is not the export asked for
+            raise
+        if info is not None:
+            print(f"wrote {mmproj_path(out)}")

@@ -1,0 +1,30 @@
+"""Bad-input errors of the exporters and the CLI wrapper that prints them as one line.
+
+A twin of mote_edge/errors.py: the exporters import nothing from mote_edge outside
+mote_edge.exporters, because the core modules import torch and export must run without it.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class MoteExportError(Exception):
+    """Bad input: the message says what is wrong and what is accepted."""
+
+
+def cli_entry(func):
+    """Wrap a CLI `main`: MoteExportError becomes `error: <message>` on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(argv=None):
+        try:
+            return func(argv)
+        except MoteExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper

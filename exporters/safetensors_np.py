@@ -1,0 +1,109 @@
+"""A torch-free safetensors reader that memory-maps the file and hands out one tensor at a time.
+
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}, then the data block (offsets relative to it).
+The whole header is validated on open, so a truncated or corrupt file fails before anything is
+written; tensors are views into the map (nothing is read until used), which keeps peak memory at
+about one tensor however large the model is.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoteExportError
+
+# numpy has no bfloat16: BF16 is read as uint16 and widened to float32 (see `get`).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+class SafetensorsFile:
+    """`with SafetensorsFile(path) as f: f.get(name)`; `keys()`, `shape(name)`, `dtype(name)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MoteExportError(f"{self.path} does not exist; expected a safetensors file")
+        size = self.path.stat().st_size
+        self._entries = self._read_header(size)
+        data_end = max((e["data_offsets"][1] for e in self._entries.values()), default=0)
+        if self._data_start + data_end > size:
+            self._fail(f"file is truncated ({size} bytes, header says {self._data_start + data_end})")
+        # One read-only map of the whole file; np.memmap refuses a zero-length map.
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def _fail(self, why: str):
+        raise MoteExportError(f"{self.path} is not a readable safetensors file ({why})")
+
+    def _read_header(self, size: int) -> dict:
+        if size < 8:
+            self._fail(f"only {size} bytes")
+        with open(self.path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= min(_MAX_HEADER, size - 8):
+                self._fail(f"header length {n} does not fit a {size}-byte file")
+            raw = fh.read(n)
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._fail(f"header is not JSON: {exc}")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        self._data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        for name, e in header.items():
+            self._check_entry(name, e)
+        return header
+
+    def _check_entry(self, name: str, e) -> None:
+        try:
+            dtype = np.dtype(_DTYPES[e["dtype"]])
+            shape = [int(d) for d in e["shape"]]
+            begin, end = (int(o) for o in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            self._fail(f"bad header entry for {name!r}: {e!r}"[:300])
+        if any(d < 0 for d in shape) or not 0 <= begin <= end:
+            self._fail(f"bad shape or offsets for {name!r}")
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != end - begin:
+            self._fail(f"{name!r}: shape {shape} x {e['dtype']} does not match its {end - begin} bytes")
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._map = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name (F32, F16, BF16, ...)."""
+        return self._entries[name]["dtype"]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array; BF16 comes back as exactly widened float32."""
+        e = self._entries[name]
+        begin, end = e["data_offsets"]
+        raw = self._map[self._data_start + begin:self._data_start + end]
+        arr = raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        if e["dtype"] == "BF16":  # bf16 is the top half of an fp32: widening is exact
+            wide = arr.astype(np.uint32)
+            wide <<= 16  # in place: one float32-sized temporary, not two
+            return wide.view(np.float32)
+        return arr
