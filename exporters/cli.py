@@ -9,7 +9,6 @@ Writes model.gguf (the LLM: qwen2moe, or qwen2 for a dense checkpoint) and model
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from .errors import MoteExportError, cli_entry
@@ -21,20 +20,11 @@ def mmproj_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}-mmproj{out.suffix or '.gguf'}")
 
 
-def write_mmproj_hook(ckpt: Path, out: Path, ftype: str = "f16") -> dict | None:
-    """The vision half, from .gguf_mmproj when that module is present (it is written separately)."""
-    if importlib.util.find_spec(f"{__package__}.gguf_mmproj") is None:
-        print(f"note: mmproj writer not available in this build; {mmproj_path(out).name} not written")
-        return None
-    from .gguf_mmproj import write_mmproj
-
-    return write_mmproj(ckpt, mmproj_path(out), ftype=ftype)
-
-
 @cli_entry
 def main(argv=None):
     try:  # gguf is an optional dependency of the package: say so in one line
         from .gguf_llm import format_summary, write_llm_gguf
+        from .gguf_mmproj import write_mmproj
         from .quantize import FLOAT_TYPES
         from .ternary import TERNARY_TYPES
     except ImportError as exc:
@@ -64,9 +54,8 @@ def main(argv=None):
     print(format_summary(summary))
     if not a.no_mmproj:
         try:
-            info = write_mmproj_hook(ckpt, out, a.mmproj_type)
+            write_mmproj(ckpt, mmproj_path(out), ftype=a.mmproj_type)
         except BaseException:
             out.unlink(missing_ok=True)  # all or nothing: a model without its projector is not the export asked for
             raise
-        if info is not None:
-            print(f"wrote {mmproj_path(out)}")
+        print(f"wrote {mmproj_path(out)}")

@@ -256,7 +256,9 @@ def test_cli_writes_llm_and_mmproj_or_neither(mote64, tmp_path, capsys, monkeypa
 
     def broken(*a, **k):
         raise MoteExportError("bad vision tower")
-    monkeypatch.setattr(cli, "write_mmproj_hook", broken)
+    from mote_edge.exporters import gguf_mmproj
+
+    monkeypatch.setattr(gguf_mmproj, "write_mmproj", broken)
     (tmp_path / "again").mkdir()
     with pytest.raises(SystemExit) as exc:
         cli.main([str(mote64), "-o", str(tmp_path / "again" / "m.gguf"), "--quiet"])

@@ -1,0 +1,296 @@
+"""mote-run: answer a question about an image with an exported GGUF model on a laptop CPU, through
+llama-cpp-python's multimodal (mtmd) chat handler. No torch.
+
+    mote-run model.gguf --image cat.png --prompt "What colour is the square?"
+             [--mmproj PATH (default <stem>-mmproj.gguf)] [--threads N] [--n-ctx N]
+             [--max-tokens N] [--temperature T (0 = greedy, the default)] [--seed S]
+
+The answer streams to stdout; time to first token, decode speed and peak RSS go to stderr.
+Library: `load`, `answer`, `image_embeddings`, `evaluate_gguf` (held-out LLaVA records).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import io
+import json
+import resource
+import string
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoteExportError, cli_entry
+
+IMAGE_PLACEHOLDER = "<image>"  # what LLaVA chat templates (ours included) emit for an image part
+# Greedy decoding exactly as transformers' generate(do_sample=False): llama-cpp-python's chat
+# default repeat_penalty is 1.1, which would change answers.
+GREEDY = dict(temperature=0.0, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match canonical form; the same as mote_edge.tokenizer.normalize_answer (which imports torch)."""
+    return " ".join(text.strip().lower().split()).rstrip(string.punctuation).rstrip()
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import MTMDChatHandler
+    except ImportError:
+        raise MoteExportError("llama-cpp-python is not installed; pip install 'llama-cpp-python==0.3.36' "
+                              "(or mote-edge[gguf])") from None
+    return llama_cpp, MTMDChatHandler
+
+
+def _handler_class():
+    _, MTMDChatHandler = _llama_cpp()
+
+    class LlavaChatHandler(MTMDChatHandler):
+        """MTMDChatHandler rendering images the way the model was trained.
+
+        The stock handler turns an image part into a text part holding mtmd's media marker, so a
+        template that prints "<image>\\n" for {"type": "image"} parts (HF LLaVA style, ours) renders
+        "<__media__>question": the newline after the image is lost. Here image parts stay image
+        parts and the template's placeholder becomes the marker, giving "<__media__>\\nquestion"."""
+
+        def __init__(self, clip_model_path: str, verbose: bool = False):
+            super().__init__(clip_model_path=clip_model_path, verbose=verbose)
+            self.image_size = mmproj_image_size(clip_model_path)
+
+        @staticmethod
+        def _convert_content_part_for_template(part, media_marker):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                return {"type": "image"}
+            return part
+
+        def _postprocess_template_text(self, text, image_urls, media_marker):
+            text = text.replace(IMAGE_PLACEHOLDER, media_marker)
+            if text.count(media_marker) != len(image_urls):
+                raise MoteExportError(f"the GGUF's chat template placed {text.count(media_marker)} "
+                                      f"'{IMAGE_PLACEHOLDER}' for {len(image_urls)} image(s); expected a "
+                                      "LLaVA template that prints it for each image part")
+            return text
+
+    return LlavaChatHandler
+
+
+def mmproj_image_size(path: str | Path) -> int:
+    """clip.vision.image_size of an mmproj file: images are resized to it here, exactly as the
+    HF SigLIP processor does, so llama.cpp's own (letterboxing) resize never runs."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("clip.vision.image_size")
+    except (OSError, ValueError) as exc:
+        raise MoteExportError(f"{path} is not a readable GGUF file ({exc})") from None
+    if field is None:
+        raise MoteExportError(f"{path} is not an mmproj file (no clip.vision.image_size); "
+                              "expected the <stem>-mmproj.gguf written by mote-export")
+    return int(field.contents())
+
+
+def default_mmproj(model_path: str | Path) -> Path:
+    p = Path(model_path)
+    return p.with_name(f"{p.stem}-mmproj{p.suffix or '.gguf'}")
+
+
+def _trained_context(model_path: Path) -> int | None:
+    """`<arch>.context_length` of a GGUF model, or None when absent."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(model_path)).fields
+    except (OSError, ValueError) as exc:
+        raise MoteExportError(f"{model_path} is not a readable GGUF file ({exc})") from None
+    arch = fields.get("general.architecture")
+    ctx = fields.get(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(ctx.contents()) if ctx is not None else None
+
+
+def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
+         n_threads: int | None = None, seed: int = 0):
+    """A llama_cpp.Llama with the multimodal handler for the model's mmproj file.
+
+    n_ctx defaults to the trained context capped at 2048 (a laptop-sized KV cache)."""
+    llama_cpp, _ = _llama_cpp()
+    model, proj = Path(model_path), Path(mmproj) if mmproj else default_mmproj(model_path)
+    for p, what in ((model, "model"), (proj, "mmproj")):
+        if not p.is_file():
+            hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if p is proj else ""
+            raise MoteExportError(f"{what} file {str(p)!r} does not exist{hint}")
+    if n_ctx is None:
+        n_ctx = min(2048, _trained_context(model) or 2048)
+    handler = _handler_class()(clip_model_path=str(proj))
+    # mtmd logs every image and text chunk to stderr through its own logger; route it through
+    # llama-cpp-python's, which obeys verbose=False like the rest of llama.cpp.
+    from llama_cpp import mtmd_cpp
+    from llama_cpp._logger import llama_log_callback
+
+    mtmd_cpp.mtmd_log_set(llama_log_callback, None)
+    mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
+    try:
+        return llama_cpp.Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx,
+                               n_threads=n_threads, seed=seed, verbose=False)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise MoteExportError(f"llama.cpp could not load {model}: {exc}") from None
+
+
+def image_data_uri(path: str | Path, size: int) -> str:
+    """The image as an RGB PNG data URI, stretched to size x size with bicubic resampling (SigLIP's
+    processor); decoded by PIL so what llama.cpp sees equals what transformers saw."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise MoteExportError(f"cannot read image {str(path)!r} ({exc})") from None
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def messages_for(llm, image_path: str | Path, question: str) -> list[dict]:
+    """One user turn, the image before the text (a leading "<image>\\n" in `question` is dropped)."""
+    question = question.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
+    uri = image_data_uri(image_path, llm.chat_handler.image_size)
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": question}]}]
+
+
+def answer(llm, image_path: str | Path, question: str, max_tokens: int = 8) -> str:
+    """Greedy answer to one question about one image."""
+    out = llm.create_chat_completion(messages=messages_for(llm, image_path, question),
+                                     max_tokens=max_tokens, **GREEDY)
+    return out["choices"][0]["message"]["content"] or ""
+
+
+def image_embeddings(llm, image_path: str | Path) -> np.ndarray:
+    """The projector's output for one image, [n_image_tokens, n_embd], read back through mtmd
+    (for parity checks against transformers' get_image_features)."""
+    from llama_cpp._utils import suppress_stdout_stderr  # what the handler itself uses to keep mtmd quiet
+
+    h = llm.chat_handler
+    h._init_mtmd_context(llm)
+    mt, ctx = h._mtmd_cpp, h.mtmd_ctx
+    png = base64.b64decode(image_data_uri(image_path, h.image_size).split(",", 1)[1])
+    bitmap = h._create_bitmap_from_bytes(png)
+    chunks = mt.mtmd_input_chunks_init()
+    try:
+        with suppress_stdout_stderr(disable=llm.verbose):
+            marker = mt.mtmd_default_marker()
+            text = mt.mtmd_input_text()
+            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+            if mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+                raise RuntimeError("mtmd_tokenize failed")
+            image = [c for c in (mt.mtmd_input_chunks_get(chunks, i) for i in range(mt.mtmd_input_chunks_size(chunks)))
+                     if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            if len(image) != 1 or mt.mtmd_encode_chunk(ctx, image[0]) != 0:
+                raise RuntimeError("mtmd could not encode the image")
+            n = mt.mtmd_input_chunk_get_n_tokens(image[0])
+        ptr = mt.mtmd_get_output_embd(ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n * llm.n_embd(),)).reshape(n, -1).copy()
+    finally:
+        mt.mtmd_input_chunks_free(chunks)
+        mt.mtmd_bitmap_free(bitmap)
+
+
+def _question_and_answer(record: dict) -> tuple[str, str]:
+    """(question, expected answer) of a single-turn LLaVA record: the human turn minus "<image>\\n"."""
+    try:
+        turns = [(ROLES[t["from"]], t["value"]) for t in record["conversations"]]
+    except (KeyError, TypeError):
+        raise MoteExportError(f"record {record.get('id', '?')}: conversations must be "
+                              "[{'from': 'human'|'gpt', 'value': ...}] (LLaVA format)") from None
+    users = [v for r, v in turns if r == "user"]
+    if not turns or turns[-1][0] != "assistant" or not users:
+        raise MoteExportError(f"record {record.get('id', '?')} does not end with an answer to a question")
+    return users[-1].removeprefix(IMAGE_PLACEHOLDER).lstrip("\n"), turns[-1][1]
+
+
+def evaluate_gguf(gguf_path: str | Path, data_json: str | Path, images_dir: str | Path,
+                  limit: int | None = None, mmproj: str | Path | None = None,
+                  n_threads: int | None = None, max_tokens: int = 8, progress: bool = False) -> dict:
+    """Held-out exact-match accuracy (%) of an exported model, overall and per question_type, with
+    the answers; the same scoring as mote_edge.evaluate.accuracy."""
+    data, images = Path(data_json), Path(images_dir)
+    try:
+        records = json.loads(data.read_text())[:limit]
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise MoteExportError(f"cannot read LLaVA records from {str(data)!r} ({exc})") from None
+    llm = load(gguf_path, mmproj, n_threads=n_threads)
+    hits, counts, answers = defaultdict(int), defaultdict(int), []
+    for i, r in enumerate(records):
+        question, expected = _question_and_answer(r)
+        if not r.get("image"):
+            raise MoteExportError(f"record {r.get('id', '?')} names no image; accepted: image question records")
+        got = answer(llm, images / r["image"], question, max_tokens)
+        answers.append(got)
+        ok = normalize_answer(got) == normalize_answer(expected)
+        for key in {r.get("question_type", "all"), "overall"}:
+            hits[key] += ok
+            counts[key] += 1
+        if progress and (i + 1) % 50 == 0:
+            print(f"{i + 1}/{len(records)}", file=sys.stderr)
+    return {k: 100.0 * hits[k] / counts[k] for k in counts} | {"n": counts["overall"], "answers": answers}
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mote-run", description="Answer a question about an image with an exported "
+                                "GGUF model (llama-cpp-python, CPU).")
+    p.add_argument("model", help="the LLM file written by mote-export, e.g. model.gguf")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--mmproj", default=None, help="vision projector (default: <stem>-mmproj.gguf beside the model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context length (default: trained, at most 2048)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    a = p.parse_args(argv)
+    for name in ("threads", "n_ctx", "max_tokens"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise MoteExportError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.temperature < 0:
+        raise MoteExportError("--temperature must be >= 0 (0 = greedy)")
+    if not Path(a.image).is_file():
+        raise MoteExportError(f"image {a.image!r} does not exist")
+    llm = load(a.model, a.mmproj, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed)
+    sampling = GREEDY | {"temperature": a.temperature}
+    t0 = time.perf_counter()
+    stream = llm.create_chat_completion(messages=messages_for(llm, a.image, a.prompt), max_tokens=a.max_tokens,
+                                        stream=True, seed=a.seed, **sampling)
+    times, finish = [], None
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        if choice["delta"].get("content"):
+            times.append(time.perf_counter())
+            sys.stdout.write(choice["delta"]["content"])
+            sys.stdout.flush()
+        finish = choice.get("finish_reason") or finish
+    t_end = time.perf_counter()
+    sys.stdout.write("\n")
+    if not times:
+        print("no tokens generated", file=sys.stderr)
+    else:
+        # After the first token every token is evaluated once more to sample the next; a "stop"
+        # (end of turn) also evaluated the last one, a "length" stop did not.
+        steps = len(times) - (finish != "stop")
+        speed = f"{steps / (t_end - times[0]):.1f} tokens/s" if steps and t_end > times[0] else "n/a"
+        print(f"time to first token: {times[0] - t0:.3f} s (image encode + prompt)", file=sys.stderr)
+        print(f"decode: {speed} ({len(times)} tokens, {finish})", file=sys.stderr)
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB", file=sys.stderr)
