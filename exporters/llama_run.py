@@ -243,6 +243,18 @@ def evaluate_gguf(gguf_path: str | Path, data_json: str | Path, images_dir: str 
     return {k: 100.0 * hits[k] / counts[k] for k in counts} | {"n": counts["overall"], "answers": answers}
 
 
+def decode_tokens_per_s(llm, n_tokens: int = 64, prompt: str = "How many shapes are there?") -> float:
+    """Greedy decode speed with the KV cache filling up, one token per llama.cpp eval (text only):
+    the tiny model ends its answers after a token or two, too few to time."""
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(ids)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return n_tokens / (time.perf_counter() - t0)
+
+
 def peak_rss_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
