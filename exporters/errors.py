@@ -1,7 +1,7 @@
 """Bad-input errors of the exporters and the CLI wrapper that prints them as one line.
 
-A twin of mote_edge/errors.py: the exporters import nothing from mote_edge outside
-mote_edge.exporters, because the core modules import torch and export must run without it.
+The project's only error class: defined here because the exporters import nothing from the
+torch side, and mote_edge.errors re-exports it as MoteError for the core.
 """
 from __future__ import annotations
 

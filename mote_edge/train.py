@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_dir, load_model, save_model
 from .data import ConversationDataset, collate, load_records
 from .errors import MoteError, cli_entry
-from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss, world_size
+from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss
 from .moe import moe_blocks
 from .model import mote_config
 

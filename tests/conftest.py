@@ -63,6 +63,18 @@ def batch(processor, data_dir):
                    processor.tokenizer.pad_token_id)
 
 
+def perturb_experts(model) -> None:
+    """Move latent expert weights away from the FFN copy so ternary codes differ per expert."""
+    from mote_edge.moe import moe_blocks
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for b in moe_blocks(model):
+            b.router.weight.normal_(0, 0.5, generator=g)
+            for p in b.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ import torch
 
 from mote_edge.checkpoint import load_model, save_model
 from mote_edge.deploy import DeployedTernaryLinear, ternary_experts, use_deployable_
-from mote_edge.moe import moe_blocks
+
+from .conftest import perturb_experts
 
 
 def _logits(model, batch):
@@ -15,19 +16,9 @@ def _logits(model, batch):
                      pixel_values=batch["pixel_values"]).logits
 
 
-def _perturb_experts(model):
-    """Move latent expert weights away from the FFN copy so codes differ per expert."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for b in moe_blocks(model):
-            b.router.weight.normal_(0, 0.5, generator=g)
-            for p in b.experts.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
-
-
 def test_save_load_round_trip_is_exact(mote_ckpt, batch, tmp_path):
     model = load_model(mote_ckpt)
-    _perturb_experts(model)
+    perturb_experts(model)
     save_model(model, tmp_path / "rt")
     cfg = json.loads((tmp_path / "rt" / "config.json").read_text())
     assert cfg["mote"]["num_experts"] == 4 and cfg["mote"]["variant"] == "mote"
@@ -40,7 +31,7 @@ def test_save_load_round_trip_is_exact(mote_ckpt, batch, tmp_path):
 
 def test_deployable_form_codes_and_scales(mote_ckpt):
     model = load_model(mote_ckpt)
-    _perturb_experts(model)
+    perturb_experts(model)
     dep = ternary_experts(model)
     assert len(dep) == 2 * 4 * 3  # layers x experts x (gate, up, down)
     for name, (codes, scale) in dep.items():
@@ -53,7 +44,7 @@ def test_deployable_form_codes_and_scales(mote_ckpt):
 
 def test_eval_forward_equals_forward_from_deployable_form(mote_ckpt, batch):
     model = load_model(mote_ckpt)
-    _perturb_experts(model)
+    perturb_experts(model)
     ref = _logits(model, batch)
     deployed = use_deployable_(load_model(mote_ckpt), ternary_experts(model))
     # routers must come along too (they are full precision, not part of the ternary form)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mote_edge import evaluate, train, upcycle
+from mote_edge import train, upcycle
 
 
 def _run_main(main, argv, capsys):

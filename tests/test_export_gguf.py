@@ -19,29 +19,18 @@ from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_llm import SHEXP_GATE, write_llm_gguf
 from mote_edge.exporters.safetensors_np import SafetensorsFile
 from mote_edge.exporters.ternary import pack_ternary, ternary_form
-from mote_edge.moe import moe_blocks
 from mote_edge.upcycle import upcycle
 
-from .conftest import TEXT, VISION
+from .conftest import TEXT, VISION, perturb_experts
 
 TEXT256 = TEXT | {"hidden_size": 256, "intermediate_size": 512}
 LM = "model.language_model."
 
 
-def _perturb_experts(model):
-    """Move latent expert weights away from the FFN copy so codes differ per expert."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for b in moe_blocks(model):
-            b.router.weight.normal_(0, 0.5, generator=g)
-            for p in b.experts.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * p.abs().mean())
-
-
 def _moe_ckpt(base: Path, out: Path, **kw) -> Path:
     upcycle(base, out, experts=4, **kw)
     model = load_model(out)
-    _perturb_experts(model)
+    perturb_experts(model)
     save_model(model, out, side_files_from=base)
     return out
 
