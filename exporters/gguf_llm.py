@@ -149,8 +149,9 @@ def _fit(qtype: T, ne0: int) -> T:
 class _Planner:
     """Builds the ordered tensor list; each tensor's data is made lazily, when it is written."""
 
-    def __init__(self, w: Weights, c: LLMConfig, routed: T | None, shared: T, other: T):
+    def __init__(self, w: Weights, c: LLMConfig, routed: T | None, shared: T, other: T, embedding: T | None = None):
         self.w, self.c, self.routed, self.shared, self.other = w, c, routed, shared, other
+        self.embedding = other if embedding is None else embedding  # token_embd and output
         self.out: list[Planned] = []
         self.dense_layers = [i for i in range(c.layers) if i not in c.moe_layers]
         self.exp_ffn = self.sh_ffn = 0
@@ -199,7 +200,7 @@ class _Planner:
     def plan(self) -> list[Planned]:
         c, H = self.c, self.c.hidden
         kv = H // c.heads * c.kv_heads
-        self.tensor("token_embd.weight", "embed_tokens.weight", (c.vocab, H), self.other, "embedding")
+        self.tensor("token_embd.weight", "embed_tokens.weight", (c.vocab, H), self.embedding, "embedding")
         for i in range(c.layers):
             L, b = f"layers.{i}.", f"blk.{i}."
             self.tensor(b + "attn_norm.weight", L + "input_layernorm.weight", (H,), T.F32, "norm")
@@ -248,11 +249,19 @@ class _Planner:
             raise MoteExportError(f"{self.w.path}: no lm_head.weight and tie_word_embeddings is false")
         if head is None or c.tied:
             if c.arch == "qwen2moe":  # qwen2moe requires `output` (qwen2 reuses token_embd): write it twice
-                self.tensor("output.weight", "embed_tokens.weight", (c.vocab, c.hidden), self.other, "embedding")
+                self.tensor("output.weight", "embed_tokens.weight", (c.vocab, c.hidden), self.embedding, "embedding")
             return
         self.w.check_shape(head, (c.vocab, c.hidden))
-        self.add("output.weight", (c.vocab, c.hidden), self.other, "embedding",
+        self.add("output.weight", (c.vocab, c.hidden), self.embedding, "embedding",
                  lambda q: quantize_tensor(np.asarray(self.w.get(head), np.float32), q, "output.weight"))
+
+
+def llm_tensors(w, c: LLMConfig, routed: T | None, shared: T, other: T, embedding: T | None = None) -> list[Planned]:
+    """The tensors write_llm_gguf writes for these types: GGUF name, numpy shape, written type (after
+    the ternary / block-size fallbacks) and group; no data is read or made. The memory planner
+    (exporters/plan.py) sizes plans with this same list, so its bytes are the exporter's. `w` is only
+    asked for shapes: a checkpoint's Weights, or plan.ConfigShapes for a config.json alone."""
+    return _Planner(w, c, routed, shared, other, embedding).plan()
 
 
 def _check_layers(w: Weights, c: LLMConfig) -> None:
@@ -296,14 +305,18 @@ def _write_kv(wr: GGUFWriter, c: LLMConfig, name: str, routed: T | None, planner
 
 def write_llm_gguf(ckpt_dir: str | Path, out_path: str | Path, ternary_type: str | None = None,
                    shared_type: str = "f16", other_type: str = "f16", expert_type: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, embedding_type: str | None = None) -> dict:
     """Write the LLM GGUF of a MoTE / MoE-LLaVA (qwen2moe) or dense (qwen2) checkpoint.
+
+    `other_type` covers attention and, unless `embedding_type` is given, token_embd / output too
+    (the memory-budget planner, exporters/plan.py, chooses the two separately).
 
     Returns the summary (see `format_summary`). The file is written under a temporary name beside
     `out_path` and renamed at the end; on any failure nothing is left at the destination."""
     ckpt, out = Path(ckpt_dir), Path(out_path)
     c = llm_config(read_config(ckpt), str(ckpt))
     routed, shared, other = resolve_types(c, ternary_type, shared_type, other_type, expert_type)
+    embedding = parse_type(embedding_type, "embedding type") if embedding_type is not None else other
     if not out.parent.is_dir():
         raise MoteExportError(f"output folder {str(out.parent)!r} does not exist")
     if out.is_dir():
@@ -311,7 +324,7 @@ def write_llm_gguf(ckpt_dir: str | Path, out_path: str | Path, ternary_type: str
     with Weights(ckpt) as w:
         w.check_shape(w.lm_name("embed_tokens.weight"), (c.vocab, c.hidden))
         _check_layers(w, c)
-        planner = _Planner(w, c, routed, shared, other)
+        planner = _Planner(w, c, routed, shared, other, embedding)
         planned = planner.plan()
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)

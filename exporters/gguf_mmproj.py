@@ -115,9 +115,11 @@ class _Plan:
             raise MoteExportError(f"vision tower activation {act!r} is not in llama.cpp's clip graph; "
                                   f"accepted: {', '.join(TOWER_ACTS)}")
         self.use_gelu = TOWER_ACTS[act]
-        if self.d % self.heads or self.image % self.patch:
-            raise MoteExportError(f"vision tower: hidden {self.d} / heads {self.heads} or image {self.image} / "
-                                  f"patch {self.patch} does not divide")
+        # The image need not be a multiple of the patch: SigLIP so400m-patch14-384 has 27 x 27 patches
+        # and drops the last 6 pixels, in HF's stride-14 conv and in clip.cpp's alike.
+        if self.d % self.heads or self.image < self.patch:
+            raise MoteExportError(f"vision tower: hidden {self.d} not divisible by heads {self.heads}, or image "
+                                  f"{self.image} smaller than patch {self.patch}")
         if cfg.get("vision_feature_select_strategy", "full") != "full":
             raise MoteExportError("vision_feature_select_strategy 'default' drops a CLS token SigLIP does not "
                                   "have; accepted: 'full'")

@@ -4,6 +4,7 @@ llama-cpp-python's multimodal (mtmd) chat handler. No torch.
     mote-run model.gguf --image cat.png --prompt "What colour is the square?"
              [--mmproj PATH (default <stem>-mmproj.gguf)] [--threads N] [--n-ctx N]
              [--max-tokens N] [--temperature T (0 = greedy, the default)] [--seed S]
+             [--memory-limit SIZE (refuse, before loading, a run planned to need more)]
 
 The answer streams to stdout; time to first token, decode speed and peak RSS go to stderr.
 Library: `load`, `answer`, `image_embeddings`, `evaluate_gguf` (held-out LLaVA records).
@@ -273,6 +274,11 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="refuse, before loading anything, a run whose planned resident memory (GGUF tensor bytes "
+                        "of both files + f16 KV cache for n_ctx + a conservative compute/runtime estimate; see "
+                        "mote_edge.exporters.plan.resident_estimate) exceeds SIZE: e.g. 3.4GB, 900MiB, 2GiB, 512M, "
+                        "where GB = G = GiB = 2^30 bytes (as the MoTE paper's GB)")
     a = p.parse_args(argv)
     for name in ("threads", "n_ctx", "max_tokens"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
@@ -281,7 +287,24 @@ def main(argv=None):
         raise MoteExportError("--temperature must be >= 0 (0 = greedy)")
     if not Path(a.image).is_file():
         raise MoteExportError(f"image {a.image!r} does not exist")
-    llm = load(a.model, a.mmproj, n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed)
+    n_ctx = a.n_ctx
+    if a.memory_limit is not None:
+        from .plan import format_resident, gguf_resident, human, parse_size
+
+        limit = parse_size(a.memory_limit, "--memory-limit")
+        model, proj = Path(a.model), Path(a.mmproj) if a.mmproj else default_mmproj(a.model)
+        for path, what in ((model, "model"), (proj, "mmproj")):
+            if not path.is_file():
+                raise MoteExportError(f"{what} file {str(path)!r} does not exist")
+        plan = gguf_resident(model, proj, n_ctx)  # n_ctx None: what load() chooses (trained, at most 2048)
+        n_ctx = plan["n_ctx"]
+        if plan["total_bytes"] > limit:
+            raise MoteExportError(f"planned resident memory {format_resident(plan)} exceeds --memory-limit "
+                                  f"{human(limit)} ({limit} bytes); lower --n-ctx or export smaller types "
+                                  "(mote-export --memory-budget, mote-plan)")
+        print(f"planned resident memory: {plan['total_bytes']} bytes ({format_resident(plan)}), within "
+              f"--memory-limit {human(limit)}", file=sys.stderr)
+    llm = load(a.model, a.mmproj, n_ctx=n_ctx, n_threads=a.threads, seed=a.seed)
     sampling = GREEDY | {"temperature": a.temperature}
     t0 = time.perf_counter()
     stream = llm.create_chat_completion(messages=messages_for(llm, a.image, a.prompt), max_tokens=a.max_tokens,
