@@ -352,22 +352,10 @@ def _tensors(cfg: dict, where: str, types: dict, weights=None):
     return c, llm_tensors(w, c, routed, shared, attention, embedding)
 
 
-def _mmproj_items(cfg: dict, where: str, mmproj_type: str, weights=None, notes: list | None = None) -> list:
+def _mmproj_items(cfg: dict, where: str, mmproj_type: str, weights=None) -> list:
     from .gguf_mmproj import _Plan
 
     t = gguf_type(mmproj_type, "--mmproj-type")
-    v = cfg["vision_config"]
-    image, patch = int(v["image_size"]), int(v["patch_size"])
-    if weights is None and image % patch:
-        # SigLIP so400m-patch14-384: 384 = 27 x 14 + 6. The patch convolution (and llama.cpp's clip,
-        # n_patches = (image / patch)^2 in integers) uses 27 x 27 patches; the tensors, and so the bytes,
-        # are those of image 378. gguf_mmproj refuses such a tower today; say so instead of failing.
-        cfg = json.loads(json.dumps(cfg))
-        cfg["vision_config"]["image_size"] = image // patch * patch
-        if notes is not None:
-            notes.append(f"vision image {image} is not a multiple of patch {patch}: planned as {image // patch}x"
-                         f"{image // patch} patches (as llama.cpp's clip counts them); note mote-export's mmproj "
-                         "writer currently refuses such a tower")
     return _Plan(weights if weights is not None else ConfigShapes(cfg, where), cfg, t).items
 
 
@@ -402,7 +390,7 @@ def make_plan(cfg: dict, where: str = "config", types: dict | None = None, mmpro
     notes: list[str] = []
     if mmproj:
         r = rows["vision"] = Row(ROW_LABELS["vision"], mmproj_type.lower())
-        for _, shape, qt, _ in _mmproj_items(cfg, where, mmproj_type, weights, notes):
+        for _, shape, qt, _ in _mmproj_items(cfg, where, mmproj_type, weights):
             r.written[qt.name] += 1
             r.tensors += 1
             r.params += numel(shape)

@@ -137,7 +137,9 @@ def test_qwen_presets_have_the_stated_shapes():
             (layers, hidden, ffn, heads, kv, 151936, True)
     plan = P.make_plan(P.with_moe(P.preset_config("qwen2.5-0.5b"), 4, "mote", None), "0.5b", {"shared": "bf16"})
     assert plan.rows["routed"].written == {"Q4_0": 48, "TQ2_0": 24}  # gate/up 896 wide: exact Q4_0 fallback
-    assert plan.notes and "27x27" in plan.notes[0]
+    # so400m: 384 px / patch 14 -> 27 x 27 patches (integer division, as HF's conv and clip.cpp)
+    pos = [shape for name, shape, *_ in P._mmproj_items(plan.cfg, "0.5b", "f16") if name == "v.position_embd.weight"]
+    assert pos and 729 in pos[0]
 
 
 # ---- planner == exporter, tensor by tensor -------------------------------------------------------------------
