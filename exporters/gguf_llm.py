@@ -22,8 +22,6 @@ A dense checkpoint (no "mote" entry) is written as plain `qwen2`, FFNs in --shar
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +29,9 @@ from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFWriter, LlamaFileType
-from tqdm import tqdm
 
 from .ckpt import Weights, read_config
+from .gguf_file import check_output, gguf_writer, write_tensors
 from .errors import MoteExportError
 from .gguf_vocab import add_vocab
 from .quantize import fitting_type, nbytes, parse_type, quantize_tensor
@@ -317,37 +315,17 @@ def write_llm_gguf(ckpt_dir: str | Path, out_path: str | Path, ternary_type: str
     c = llm_config(read_config(ckpt), str(ckpt))
     routed, shared, other = resolve_types(c, ternary_type, shared_type, other_type, expert_type)
     embedding = parse_type(embedding_type, "embedding type") if embedding_type is not None else other
-    if not out.parent.is_dir():
-        raise MoteExportError(f"output folder {str(out.parent)!r} does not exist")
-    if out.is_dir():
-        raise MoteExportError(f"output {str(out)!r} is a folder; give a file name like model.gguf")
+    check_output(out, "model.gguf")
     with Weights(ckpt) as w:
         w.check_shape(w.lm_name("embed_tokens.weight"), (c.vocab, c.hidden))
         _check_layers(w, c)
         planner = _Planner(w, c, routed, shared, other, embedding)
         planned = planner.plan()
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        wr = GGUFWriter(tmp, c.arch)
-        try:
+        with gguf_writer(out, c.arch) as wr:
             _write_kv(wr, c, ckpt.resolve().name, routed, planner)
             vocab = add_vocab(wr, ckpt, c.vocab)
-            for p in planned:  # infos first, data one tensor at a time: memory stays ~ one tensor
-                wr.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-            wr.write_header_to_file()
-            wr.write_kv_data_to_file()
-            wr.write_ti_data_to_file()
-            for p in tqdm(planned, desc="gguf", unit="tensor", disable=not progress):
-                wr.write_tensor_data(np.ascontiguousarray(p.make()))
-            wr.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is not
-            os.replace(tmp, out)
-        except BaseException:
-            wr.close()
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            write_tensors(wr, [(p.name, p.shape, p.qtype, p.nbytes) for p in planned], [p.make for p in planned],
+                          progress=progress)
     return _summary(out, c, planned, planner.dense_layers if c.moe_layers else [], vocab)
 
 

@@ -20,15 +20,16 @@ why the file looks the way it does:
 """
 from __future__ import annotations
 
+import functools
+
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFWriter
 
 from .ckpt import Weights, read_config
+from .gguf_file import check_output, gguf_writer, write_tensors
 from .errors import MoteExportError
 from .quantize import fitting_type, nbytes, parse_type, quantize_tensor
 
@@ -203,33 +204,13 @@ def write_mmproj(ckpt_dir: Path, out_path: Path, ftype: str = "f16") -> dict:
     cfg = read_config(ckpt)
     qtype = parse_type(ftype, "--mmproj-type")
     mean, std = image_normalization(ckpt)
-    if not out.parent.is_dir():
-        raise MoteExportError(f"output folder {str(out.parent)!r} does not exist")
-    if out.is_dir():
-        raise MoteExportError(f"output {str(out)!r} is a folder; give a file name like model-mmproj.gguf")
+    check_output(out, "model-mmproj.gguf")
     with Weights(ckpt) as w:
         plan = _Plan(w, cfg, qtype)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        wr = GGUFWriter(tmp, "clip")
-        try:
+        with gguf_writer(out, "clip") as wr:
             _write_kv(wr, plan, mean, std, ckpt.name)
-            for name, shape, qt, _ in plan.items:
-                wr.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qt), raw_dtype=qt)
-            wr.write_header_to_file()
-            wr.write_kv_data_to_file()
-            wr.write_ti_data_to_file()
-            for name, shape, qt, src in plan.items:
-                wr.write_tensor_data(plan.data(shape, qt, src, name))
-            wr.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is not
-            os.replace(tmp, out)
-        except BaseException:
-            wr.close()
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            write_tensors(wr, [(name, shape, qt, nbytes(shape, qt)) for name, shape, qt, _ in plan.items],
+                          [functools.partial(plan.data, shape, qt, src, name) for name, shape, qt, src in plan.items])
     types = sorted({qt.name for _, _, qt, _ in plan.items})
     return {"path": str(out), "tensors": len(plan.items), "bytes": out.stat().st_size, "types": types,
             "feature_layers": plan.layers, "blocks": max(plan.layers)}
