@@ -41,7 +41,11 @@ def parse_type(name: str, option: str) -> T:
 
 
 def all_finite(a: np.ndarray) -> bool:
-    """No NaN / inf, by two reductions (no array-sized temporaries, unlike np.isfinite(a).all())."""
+    """No NaN / inf, by two reductions (no array-sized temporaries, unlike np.isfinite(a).all()).
+    float16 is tested on its exponent bits instead: numpy reduces float16 one element at a time,
+    which made this check 85% of an F16 export."""
+    if a.size and a.dtype == np.float16:
+        return not np.any((a.view(np.uint16) & np.uint16(0x7C00)) == np.uint16(0x7C00))
     return a.size == 0 or bool(np.isfinite(a.max()) and np.isfinite(a.min()))
 
 

@@ -1,0 +1,377 @@
+"""mote-bench: MoTE against MoE-LLaVA and the dense model on this machine's CPU (llama.cpp), side by side.
+
+    mote-bench --preset tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-3b [--models LIST] [--out DIR]
+    mote-bench MODEL.gguf [MODEL.gguf ...] [--mmproj PATH] [--out DIR]
+        [--threads N] [--repeats N] [--warmup N] [--n-gen N] [--seed S] [--image PNG] [--prompt TEXT]
+        [--cache DIR] [--jobs N] [--vision-layers N] [--other-type T] [--keep-checkpoints]
+
+With a preset, random-weight checkpoints of that shape are written (exporters.random_ckpt) and
+exported with mote-export's own writer into one GGUF per model, cached in --cache and reused;
+each checkpoint is deleted once its GGUFs exist (they are cheap to rewrite and large). Every
+model is then measured in its own process (exporters.bench_measure), with the machine's memory
+bandwidth measured in the same run for the roofline; results go to DIR/bench.json, DIR/bench.md
+and two PNG plots (exporters.bench_report).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import multiprocessing as mp
+
+from .errors import MoteExportError, cli_entry
+
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One exported model of a preset: checkpoint variant and the GGUF types of its FFN weights."""
+    name: str
+    variant: str  # mote | moe-llava | dense
+    ternary: str | None = None  # MoTE routed experts
+    shared: str = "f16"  # MoTE shared expert, or the dense FFN
+    expert: str | None = None  # MoE-LLaVA experts
+
+    @property
+    def label(self) -> str:
+        if self.variant == "mote":
+            return f"MoTE: {self.ternary.upper()} experts + {self.shared.upper()} shared"
+        if self.variant == "moe-llava":
+            return f"MoE-LLaVA: 4 x {self.expert.upper()} experts, top-2" + (" (PTQ)" if self.expert != "f16" else "")
+        return f"dense: {self.shared.upper()} FFN"
+
+
+MODELS = {m.name: m for m in (
+    *(ModelSpec(f"mote-{t}-{s}", "mote", ternary=t, shared=s) for t in ("tq2_0", "tq1_0") for s in ("bf16", "q8_0", "q4_k")),
+    # MoE-LLaVA + PTQ: q4_k / q3_k experts land near MoTE's expert memory (DESIGN.md 1, "at equal memory")
+    *(ModelSpec(f"moe-llava-{t}", "moe-llava", expert=t) for t in ("f16", "q4_k", "q3_k")),
+    # bf16, like MoTE's shared expert: MoTE-bf16 minus dense is exactly its router + routed experts
+    ModelSpec("dense-bf16", "dense", shared="bf16"),
+)}
+GROUPS = {"all": list(MODELS), **{v: [n for n, m in MODELS.items() if m.variant == v] for v in ("mote", "moe-llava", "dense")}}
+# Rough export cost, ns per weight on one core (measured on the 2-core dev machine): only orders jobs.
+_NS = {"tq2_0": 5, "tq1_0": 6, "f16": 14, "bf16": 6, "q8_0": 7, "q4_k": 52, "q3_k": 12}
+
+
+def parse_models(text: str) -> list[ModelSpec]:
+    names: list[str] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part not in MODELS and part not in GROUPS:
+            raise MoteExportError(f"--models: unknown model {part!r}; accepted: {', '.join(MODELS)} "
+                                  f"or the groups {', '.join(GROUPS)}")
+        names += [n for n in GROUPS.get(part, [part]) if n not in names]
+    if not names:
+        raise MoteExportError("--models is empty; accepted: a comma-separated list of models or groups")
+    return [MODELS[n] for n in names]
+
+
+# ---- building a preset's files -------------------------------------------------------------------------
+
+def _ffn_weights(p) -> int:
+    t = p.text
+    return t["num_hidden_layers"] * 3 * t["hidden_size"] * t["intermediate_size"]
+
+
+def export_cost(p, spec: ModelSpec, experts: int = 4) -> float:
+    """Estimated single-core seconds of one export (for scheduling the longest jobs first)."""
+    ffn = _ffn_weights(p)
+    routed = experts * ffn * _NS[spec.ternary or spec.expert] if spec.variant != "dense" else 0
+    shared = ffn * _NS[spec.shared] if spec.variant != "moe-llava" else 0
+    return (routed + shared + 2 * p.vocab * p.text["hidden_size"] * _NS["f16"]) * 1e-9
+
+
+def ckpt_bytes(p, variant: str) -> int:
+    from .random_ckpt import moe_settings, tensor_specs
+
+    mote = moe_settings(variant, p.text["num_hidden_layers"])
+    return sum(2 * _prod(s) for _, s in tensor_specs(p, mote))
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def gguf_name(spec: ModelSpec, other: str) -> str:
+    return f"{spec.name}.gguf" if other == "f16" else f"{spec.name}.other-{other}.gguf"
+
+
+def _job_ckpt(folder: str, preset_args: tuple, variant: str) -> dict:
+    from .random_ckpt import preset, write_checkpoint
+
+    t0 = time.perf_counter()
+    r = write_checkpoint(Path(folder) / f"ckpt-{variant}", preset(*preset_args), variant, progress=False)
+    return r | {"seconds": time.perf_counter() - t0}
+
+
+def _job_export(ckpt: str, out: str, spec: dict, other: str) -> dict:
+    from .gguf_llm import write_llm_gguf
+
+    t0 = time.perf_counter()
+    s = write_llm_gguf(ckpt, out, ternary_type=spec["ternary"], shared_type=spec["shared"], other_type=other,
+                       expert_type=spec["expert"], progress=False)
+    return {"path": out, "file_bytes": s["file_bytes"], "fallbacks": s["fallbacks"], "seconds": time.perf_counter() - t0}
+
+
+def _job_mmproj(ckpt: str, out: str) -> dict:
+    from .gguf_mmproj import write_mmproj
+
+    t0 = time.perf_counter()
+    return write_mmproj(Path(ckpt), Path(out)) | {"seconds": time.perf_counter() - t0}
+
+
+class _Builder:
+    """Runs checkpoint writes and exports on `jobs` worker processes (each export is single-threaded
+    numpy). One stage per checkpoint variant, at most two checkpoints on disk at once (1.5B: 10-12 GB
+    each), the stage holding the longest export first and the longest exports first; a checkpoint
+    is deleted as soon as the last export reading it is done, unless kept."""
+
+    def __init__(self, folder: Path, p, preset_args: tuple, other: str, jobs: int, keep: bool):
+        self.folder, self.p, self.preset_args, self.other, self.jobs, self.keep = folder, p, preset_args, other, jobs, keep
+
+    def _stage_jobs(self, todo: list[ModelSpec], need_mmproj: bool) -> dict[str, list]:
+        stages: dict[str, list] = {}
+        for s in sorted(todo, key=lambda s: -export_cost(self.p, s)):
+            ckpt, out = str(self.folder / f"ckpt-{s.variant}"), str(self.folder / gguf_name(s, self.other))
+            stages.setdefault(s.variant, []).append((f"export {s.name}", _job_export, (ckpt, out, asdict(s), self.other)))
+        if need_mmproj:  # from the first stage's checkpoint (every variant has the same vision weights)
+            v = next(iter(stages), "dense")
+            ckpt = str(self.folder / f"ckpt-{v}")
+            stages.setdefault(v, []).append(("mmproj", _job_mmproj, (ckpt, str(self.folder / "mmproj.gguf"))))
+        return stages
+
+    def run(self, todo: list[ModelSpec], need_mmproj: bool) -> list[dict]:
+        stages = self._stage_jobs(todo, need_mmproj)
+        waiting, remaining = list(stages), {v: len(j) for v, j in stages.items()}
+        total = sum(remaining.values()) + sum(not (self.folder / f"ckpt-{v}" / "model.safetensors").is_file()
+                                              for v in stages)
+        ready, running, log = [], {}, []
+        # spawn: fresh interpreters, nothing of this process copied into the workers
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn")) as pool:
+            while True:
+                while len(running) < self.jobs:
+                    on_disk = sum(1 for v in stages if v not in waiting and remaining[v] > 0)
+                    if ready:
+                        variant, (what, fn, args) = ready.pop(0)
+                    elif waiting and on_disk < 2:
+                        variant = waiting.pop(0)
+                        ckpt = self.folder / f"ckpt-{variant}"
+                        if (ckpt / "model.safetensors").is_file():  # kept by an earlier --keep-checkpoints run
+                            ready += [(variant, j) for j in stages[variant]]
+                            continue
+                        what, fn, args = f"checkpoint {variant}", _job_ckpt, (str(self.folder), self.preset_args, variant)
+                    else:
+                        break
+                    running[pool.submit(fn, *args)] = (what, variant, time.perf_counter())
+                if not running:
+                    return log
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    what, variant, t0 = running.pop(f)
+                    result = f.result()  # an error in a worker ends the build here
+                    log.append({"job": what} | result)
+                    print(f"[build {len(log)}/{total}] {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+                    if what.startswith("checkpoint"):
+                        ready += [(variant, j) for j in stages[variant]]
+                        ready.sort(key=lambda vj: -self._cost(vj[1]))
+                        continue
+                    remaining[variant] -= 1
+                    if remaining[variant] == 0 and not self.keep:
+                        shutil.rmtree(self.folder / f"ckpt-{variant}", ignore_errors=True)
+
+    def _cost(self, job) -> float:
+        what = job[0]
+        return export_cost(self.p, MODELS[what.split()[1]]) if what.startswith("export") else 0.0
+
+
+def build_preset(p, preset_args: tuple, specs: list[ModelSpec], cache: Path, other: str, jobs: int,
+                 keep: bool) -> tuple[dict[str, Path], Path, list[dict]]:
+    """The GGUF of every spec and the shared mmproj for preset `p`, built where missing."""
+    vl = p.vision["num_hidden_layers"]
+    folder = cache / (p.name if preset_args[1] is None else f"{p.name}-vision{vl}")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {s.name: folder / gguf_name(s, other) for s in specs}
+    mmproj = folder / "mmproj.gguf"
+    todo = [s for s in specs if not paths[s.name].is_file()]
+    if not todo and mmproj.is_file():
+        return paths, mmproj, []
+    variants = {s.variant for s in todo} or {"dense"}
+    # the builder keeps at most two checkpoints on disk, and every GGUF stays
+    need = sum(sorted(ckpt_bytes(p, v) for v in variants)[-2:]) + sum(_estimate_gguf(p, s) for s in todo)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise MoteExportError(f"building {len(todo)} {p.name} models needs about {need / GIB:.0f} GiB free in "
+                              f"{folder} (checkpoints + GGUFs); {free / GIB:.0f} GiB is free. Pick fewer --models "
+                              "or another --cache")
+    print(f"building {len(todo)} model file(s) in {folder} (at most {need / GIB:.1f} GiB of disk, "
+          f"{jobs} worker(s))", file=sys.stderr)
+    return paths, mmproj, _Builder(folder, p, preset_args, other, jobs, keep).run(todo, not mmproj.is_file())
+
+
+def _estimate_gguf(p, spec: ModelSpec) -> int:
+    """Rough file size (bits per weight of the requested types; fallbacks ignored), for the disk check."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    def bpw(name):
+        block, size = GGML_QUANT_SIZES[T[name.upper()]]
+        return size / block
+
+    ffn, h = _ffn_weights(p), p.text["hidden_size"]
+    body = 2 * p.vocab * h * 2 + 4 * p.text["num_hidden_layers"] * h * h * 2
+    if spec.variant == "mote":
+        return int(body + ffn * bpw(spec.shared) + 4 * ffn * bpw(spec.ternary) * 2)  # x2: Q4_0 fallback rows
+    if spec.variant == "moe-llava":
+        return int(body + 4 * ffn * bpw(spec.expert))
+    return int(body + ffn * bpw(spec.shared))
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+
+def _default_image() -> tuple[Path, str]:
+    """The first held-out picture and question of the embedded tiny task (any image works: it is
+    resized to the tower's input, and the answer of a random-weight model means nothing)."""
+    import mote_edge
+
+    data = Path(mote_edge.__file__).parent / "assets" / "tiny" / "data"
+    record = json.loads((data / "test.json").read_text())[0]
+    question = next(t["value"] for t in record["conversations"] if t["from"] == "human")
+    return data / "images" / record["image"], question.replace("<image>", "").strip()
+
+
+def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path) -> dict:
+    """One model in a child process of its own (its peak RSS is this model's alone)."""
+    args, out = tmp / f"{name}.args.json", tmp / f"{name}.out.json"
+    args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "threads": a.threads, "seed": a.seed,
+                                "image": str(image), "prompt": prompt, "n_gen": a.n_gen, "warmup": a.warmup,
+                                "repeats": a.repeats}))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mote_edge.exporters.bench_measure", str(args), str(out)],
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MoteExportError(f"measuring {name} ({model}) failed: {last}")
+    return json.loads(out.read_text()) | {"wall_s": time.perf_counter() - t0}
+
+
+def _check_args(a) -> None:
+    for name, low in (("threads", 1), ("repeats", 1), ("warmup", 0), ("n_gen", 1), ("jobs", 1)):
+        if getattr(a, name) < low:
+            raise MoteExportError(f"--{name.replace('_', '-')} must be at least {low}")
+    if bool(a.preset) == bool(a.gguf):
+        raise MoteExportError("give either --preset NAME or GGUF files (not both, not neither)")
+    if a.gguf and (a.models or a.vision_layers is not None):
+        raise MoteExportError("--models and --vision-layers pick and build a preset's models; with GGUF files, "
+                              "list the files instead")
+    if a.mmproj and not a.gguf:
+        raise MoteExportError("--mmproj is for GGUF files; a preset builds its own projector")
+    out = Path(a.out)
+    if not out.parent.is_dir():
+        raise MoteExportError(f"output folder's parent {str(out.parent)!r} does not exist")
+    if out.exists() and not out.is_dir():
+        raise MoteExportError(f"--out {a.out!r} is a file; give a folder")
+    if a.image and not Path(a.image).is_file():
+        raise MoteExportError(f"image {a.image!r} does not exist")
+
+
+def _gguf_inputs(a) -> list[tuple[str, Path, Path, None]]:
+    from .llama_run import default_mmproj
+
+    if a.mmproj and len(a.gguf) > 1:
+        raise MoteExportError("--mmproj names one projector; with several GGUF files, keep each "
+                              "<stem>-mmproj.gguf beside its model")
+    models, seen = [], set()
+    for g in map(Path, a.gguf):
+        proj = Path(a.mmproj) if a.mmproj else default_mmproj(g)
+        for f, what in ((g, "model"), (proj, "mmproj")):
+            if not f.is_file():
+                raise MoteExportError(f"{what} file {str(f)!r} does not exist"
+                                      + (" (pass --mmproj, or keep <stem>-mmproj.gguf beside it)" if f is proj else ""))
+        name = g.stem if g.stem not in seen else str(g)
+        seen.add(name)
+        models.append((name, g, proj, None))
+    return models
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mote-bench", description=__doc__.split("\n")[0])
+    p.add_argument("gguf", nargs="*", help="exported LLM GGUF files (each with its <stem>-mmproj.gguf)")
+    p.add_argument("--preset", help="build random-weight models of a shape: tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b")
+    p.add_argument("--models", help=f"comma-separated, of: {', '.join(MODELS)}; or the groups {', '.join(GROUPS)} "
+                   "(default all)")
+    p.add_argument("--out", default="mote-bench-out", help="report folder (created; its parent must exist)")
+    p.add_argument("--mmproj", help="projector for a single GGUF file (default <stem>-mmproj.gguf)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count(), help="llama.cpp threads and bandwidth processes (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per model (min / median / max; default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes per model first, each one image "
+                   "encode, a 64-token prefill and 4 decode steps: the whole model paged in (default 1)")
+    p.add_argument("--n-gen", type=int, default=32, help="greedy tokens decoded per round (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="llama.cpp seed (decoding is greedy; preset weights use a fixed seed)")
+    p.add_argument("--image", help="image for the question (default: the tiny task's first test image)")
+    p.add_argument("--prompt", help="the question (default: the tiny task's first test question)")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "mote-edge" / "bench"),
+                   help="where preset checkpoints and GGUFs are built and reused (default ~/.cache/mote-edge/bench)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel exports when building (default: cores)")
+    p.add_argument("--vision-layers", type=int, help="truncate the preset's SigLIP tower to N layers (default: all)")
+    p.add_argument("--other-type", default="f16", help="preset models' attention, embeddings and output (default f16)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints in --cache")
+    a = p.parse_args(argv)
+    _check_args(a)
+    t_start = time.perf_counter()
+    from .quantize import parse_type
+    from .random_ckpt import preset as get_preset
+
+    build_log, notes = [], []
+    if a.preset:
+        parse_type(a.other_type, "--other-type")
+        pr = get_preset(a.preset, a.vision_layers)
+        specs = parse_models(a.models or "all")
+        paths, mmproj, build_log = build_preset(pr, (a.preset, a.vision_layers), specs, Path(a.cache),
+                                                a.other_type.lower(), a.jobs, a.keep_checkpoints)
+        models = [(s.name, paths[s.name], mmproj, s) for s in specs]
+        if a.vision_layers is not None:
+            notes.append(f"SigLIP tower truncated to {a.vision_layers} of the shape's "
+                         f"{get_preset(a.preset).vision['num_hidden_layers']} layers (--vision-layers): "
+                         "vision encode time is not the full tower's")
+    else:
+        models = _gguf_inputs(a)
+    image, prompt = _default_image()
+    image, prompt = Path(a.image or image), a.prompt or prompt
+    from .bench_measure import gguf_costs, machine_facts, memory_bandwidth
+    from .bench_report import write_report
+
+    costs = {}
+    for name, path, _, _ in models:
+        try:
+            costs[name] = gguf_costs(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise MoteExportError(f"{path} is not a readable GGUF model file ({exc})") from None
+    facts = machine_facts(a.threads)
+    print(f"memory bandwidth ({a.threads} processes) ...", file=sys.stderr)
+    bandwidth = [memory_bandwidth(a.threads)]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mote-bench-") as tmp:
+        for i, (name, path, proj, spec) in enumerate(models):
+            print(f"[measure {i + 1}/{len(models)}] {name} ...", file=sys.stderr)
+            m = measure(name, path, proj, a, image, prompt, Path(tmp))
+            results.append({"name": name, "path": str(path), "mmproj": str(proj),
+                            "spec": asdict(spec) | {"label": spec.label} if spec else None} | costs[name] | m)
+    bandwidth.append(memory_bandwidth(a.threads))  # again after: another job on the machine shows here
+    report = {"command": ["mote-bench", *(sys.argv[1:] if argv is None else argv)], "machine": facts,
+              "bandwidth": bandwidth, "preset": a.preset, "vision_layers": a.vision_layers, "notes": notes,
+              "settings": {k: getattr(a, k) for k in ("threads", "repeats", "warmup", "n_gen", "seed", "other_type")}
+              | {"image": str(image), "prompt": prompt},
+              "build": build_log, "models": results, "wall_s": time.perf_counter() - t_start}
+    print(write_report(report, Path(a.out)))
