@@ -278,8 +278,8 @@ def part_shapes(cache: Path, threads: int) -> dict:
             f"{r['shared_mib'] - r['paper_shared_mib']:+.0f} MiB", f"{r['routed_mib'] - r['paper_routed_mib']:+.0f} MiB"]
            for shape, s, name, r in runs])
     for shape, s, name, r in runs:  # the requirement: export memory well under the model's fp16 size
-        print(f"{shape}, {name}: export peak RSS {100 * r['peak_rss'] / s['fp16_bytes']:.0f}% of the fp16 size; anonymous "
-              f"{100 * r['peak_anon'] / s['fp16_bytes']:.0f}%, the rest is page cache of the memory-mapped checkpoint")
+        print(f"{shape}, {name}: export peak RSS = {100 * r['peak_rss'] / s['fp16_bytes']:.0f}% of the fp16 size (anonymous "
+              f"{100 * r['peak_anon'] / s['fp16_bytes']:.0f}%, file-backed/mapped {100 * r['peak_file'] / s['fp16_bytes']:.0f}%)")
     return rows
 
 
@@ -307,7 +307,7 @@ def main():
     report["wall_s"] = time.perf_counter() - t0
     loads = [v for k, v in _walk(report) if k.endswith("load_1m_before")]
     print(f"1-min load average before the timed children: {min(loads):.2f} to {max(loads):.2f} "
-          f"(above ~1, other processes shared this machine's {os.cpu_count()} cores during the timings)")
+          f"(on {os.cpu_count()} cores; it counts this report's own children too, so read it only as a hint of contention)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gguf_report.json.tmp").write_text(json.dumps(report, indent=1, default=str))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -25,11 +26,11 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-import multiprocessing as mp
 
 from .errors import MoteExportError, cli_entry
 
 GIB = 2 ** 30
+_MMPROJ_ROOM = 2 * GIB  # the projector (0.8 GB for SigLIP so400m) and headroom
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ MODELS = {m.name: m for m in (
 )}
 GROUPS = {"all": list(MODELS), **{v: [n for n, m in MODELS.items() if m.variant == v] for v in ("mote", "moe-llava", "dense")}}
 # Rough export cost, ns per weight on one core (measured on the 2-core dev machine): only orders jobs.
-_NS = {"tq2_0": 5, "tq1_0": 6, "f16": 14, "bf16": 6, "q8_0": 7, "q4_k": 52, "q3_k": 12}
+_NS = {"tq2_0": 5, "tq1_0": 6, "f16": 4, "bf16": 6, "q8_0": 7, "q4_k": 52, "q3_k": 12}
 
 
 def parse_models(text: str) -> list[ModelSpec]:
@@ -132,28 +133,40 @@ def _job_mmproj(ckpt: str, out: str) -> dict:
 
 
 class _Builder:
-    """Runs checkpoint writes and exports on `jobs` worker processes (each export is single-threaded
-    numpy). One stage per checkpoint variant, at most two checkpoints on disk at once (1.5B: 10-12 GB
-    each), the stage holding the longest export first and the longest exports first; a checkpoint
-    is deleted as soon as the last export reading it is done, unless kept."""
+    """Runs checkpoint writes and exports on `jobs` worker processes (an export is mostly single-threaded
+    numpy). One stage per checkpoint variant, the stage holding the longest export first and the
+    longest exports first; a second stage overlaps the first (both workers stay busy) only while the
+    disk has room for both (1.5B checkpoints are 10-12 GB), never more than two; a checkpoint is
+    deleted as soon as the last export reading it is done, unless kept."""
 
-    def __init__(self, folder: Path, p, preset_args: tuple, other: str, jobs: int, keep: bool):
-        self.folder, self.p, self.preset_args, self.other, self.jobs, self.keep = folder, p, preset_args, other, jobs, keep
+    def __init__(self, folder: Path, p, preset_args: tuple, other: str, jobs: int, keep: bool, sizes: dict):
+        self.folder, self.p, self.preset_args, self.other, self.jobs = folder, p, preset_args, other, jobs
+        self.keep, self.sizes = keep, sizes
 
     def _stage_jobs(self, todo: list[ModelSpec], need_mmproj: bool) -> dict[str, list]:
-        stages: dict[str, list] = {}
+        stages: dict[str, list] = {v: [] for v in stage_order(self.p, todo)}
         for s in sorted(todo, key=lambda s: -export_cost(self.p, s)):
             ckpt, out = str(self.folder / f"ckpt-{s.variant}"), str(self.folder / gguf_name(s, self.other))
-            stages.setdefault(s.variant, []).append((f"export {s.name}", _job_export, (ckpt, out, asdict(s), self.other)))
+            stages[s.variant].append((f"export {s.name}", _job_export, (ckpt, out, asdict(s), self.other)))
         if need_mmproj:  # from the first stage's checkpoint (every variant has the same vision weights)
             v = next(iter(stages), "dense")
             ckpt = str(self.folder / f"ckpt-{v}")
             stages.setdefault(v, []).append(("mmproj", _job_mmproj, (ckpt, str(self.folder / "mmproj.gguf"))))
         return stages
 
+    def _room(self, variant: str, stages: dict, started: list, unfinished: set) -> bool:
+        """Whether the disk holds stage `variant` (checkpoint + GGUFs) beside what the started stages
+        still have to write (conservative: an unfinished checkpoint counts whole)."""
+        def names(v):
+            return [f"ckpt-{v}"] + [what.split()[-1] for what, _, _ in stages[v]]
+        need = sum(self.sizes.get(n, 0) for n in names(variant))
+        pending = sum(self.sizes.get(n, 0) for v in started for n in names(v) if n in unfinished)
+        return need + pending + _MMPROJ_ROOM <= shutil.disk_usage(self.folder).free
+
     def run(self, todo: list[ModelSpec], need_mmproj: bool) -> list[dict]:
         stages = self._stage_jobs(todo, need_mmproj)
-        waiting, remaining = list(stages), {v: len(j) for v, j in stages.items()}
+        waiting, started, unfinished = list(stages), [], set()
+        remaining = {v: len(j) for v, j in stages.items()}
         total = sum(remaining.values()) + sum(not (self.folder / f"ckpt-{v}" / "model.safetensors").is_file()
                                               for v in stages)
         ready, running, log = [], {}, []
@@ -161,15 +174,19 @@ class _Builder:
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn")) as pool:
             while True:
                 while len(running) < self.jobs:
-                    on_disk = sum(1 for v in stages if v not in waiting and remaining[v] > 0)
+                    active = [v for v in started if remaining[v] > 0]
                     if ready:
                         variant, (what, fn, args) = ready.pop(0)
-                    elif waiting and on_disk < 2:
+                    elif waiting and (not active or len(active) < 2 and self._room(waiting[0], stages, active,
+                                                                                    unfinished)):
                         variant = waiting.pop(0)
+                        started.append(variant)
+                        unfinished |= {what.split()[-1] for what, _, _ in stages[variant]}
                         ckpt = self.folder / f"ckpt-{variant}"
                         if (ckpt / "model.safetensors").is_file():  # kept by an earlier --keep-checkpoints run
                             ready += [(variant, j) for j in stages[variant]]
                             continue
+                        unfinished.add(f"ckpt-{variant}")
                         what, fn, args = f"checkpoint {variant}", _job_ckpt, (str(self.folder), self.preset_args, variant)
                     else:
                         break
@@ -183,9 +200,11 @@ class _Builder:
                     log.append({"job": what} | result)
                     print(f"[build {len(log)}/{total}] {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
                     if what.startswith("checkpoint"):
+                        unfinished.discard(f"ckpt-{variant}")
                         ready += [(variant, j) for j in stages[variant]]
                         ready.sort(key=lambda vj: -self._cost(vj[1]))
                         continue
+                    unfinished.discard(what.split()[-1])
                     remaining[variant] -= 1
                     if remaining[variant] == 0 and not self.keep:
                         shutil.rmtree(self.folder / f"ckpt-{variant}", ignore_errors=True)
@@ -200,40 +219,63 @@ def build_preset(p, preset_args: tuple, specs: list[ModelSpec], cache: Path, oth
     """The GGUF of every spec and the shared mmproj for preset `p`, built where missing."""
     vl = p.vision["num_hidden_layers"]
     folder = cache / (p.name if preset_args[1] is None else f"{p.name}-vision{vl}")
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {s.name: folder / gguf_name(s, other) for s in specs}
     mmproj = folder / "mmproj.gguf"
     todo = [s for s in specs if not paths[s.name].is_file()]
     if not todo and mmproj.is_file():
         return paths, mmproj, []
-    variants = {s.variant for s in todo} or {"dense"}
-    # the builder keeps at most two checkpoints on disk, and every GGUF stays
-    need = sum(sorted(ckpt_bytes(p, v) for v in variants)[-2:]) + sum(_estimate_gguf(p, s) for s in todo)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpts = {v: ckpt_bytes(p, v) for v in {s.variant for s in todo} or {"dense"}}
+    order = stage_order(p, todo) or ["dense"]
+    ggufs = {v: sum(estimate_gguf(p, s, other) for s in todo if s.variant == v) for v in order}
+    # One stage at a time needs its checkpoint and the GGUFs so far; the builder overlaps a second
+    # stage only while the disk has room for it (_Builder._room).
+    one = max(ckpts[v] + sum(ggufs[u] for u in order[:i + 1]) for i, v in enumerate(order)) + _MMPROJ_ROOM
     free = shutil.disk_usage(folder).free
-    if need > free:
-        raise MoteExportError(f"building {len(todo)} {p.name} models needs about {need / GIB:.0f} GiB free in "
-                              f"{folder} (checkpoints + GGUFs); {free / GIB:.0f} GiB is free. Pick fewer --models "
-                              "or another --cache")
-    print(f"building {len(todo)} model file(s) in {folder} (at most {need / GIB:.1f} GiB of disk, "
+    if one > free:
+        raise MoteExportError(f"building {len(todo)} {p.name} models needs about {one / GIB:.0f} GiB free in "
+                              f"{folder} (a checkpoint + the GGUFs); {free / GIB:.0f} GiB is free. Pick fewer "
+                              "--models or another --cache")
+    print(f"building {len(todo)} model file(s) in {folder} ({sum(ggufs.values()) / GIB:.1f} GiB of GGUFs, "
           f"{jobs} worker(s))", file=sys.stderr)
-    return paths, mmproj, _Builder(folder, p, preset_args, other, jobs, keep).run(todo, not mmproj.is_file())
+    sizes = {s.name: estimate_gguf(p, s, other) for s in todo} | {f"ckpt-{v}": b for v, b in ckpts.items()}
+    return paths, mmproj, _Builder(folder, p, preset_args, other, jobs, keep, sizes).run(todo, not mmproj.is_file())
 
 
-def _estimate_gguf(p, spec: ModelSpec) -> int:
-    """Rough file size (bits per weight of the requested types; fallbacks ignored), for the disk check."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+def stage_order(p, todo: list[ModelSpec]) -> list[str]:
+    """Checkpoint variants in build order: the one holding the longest export first."""
+    order: list[str] = []
+    for s in sorted(todo, key=lambda s: -export_cost(p, s)):
+        order += [] if s.variant in order else [s.variant]
+    return order
 
-    def bpw(name):
-        block, size = GGML_QUANT_SIZES[T[name.upper()]]
-        return size / block
 
-    ffn, h = _ffn_weights(p), p.text["hidden_size"]
-    body = 2 * p.vocab * h * 2 + 4 * p.text["num_hidden_layers"] * h * h * 2
+def estimate_gguf(p, spec: ModelSpec, other: str = "f16") -> int:
+    """The LLM file's tensor bytes, with the exporter's own type choices (ternary -> Q4_0 and
+    K-quant -> F16 fallbacks included), for the disk check."""
+    from .quantize import FLOAT_TYPES, fitting_type, nbytes
+    from .ternary import TERNARY_TYPES, ternary_gguf_type
+
+    t = p.text
+    H, F, L = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    kv = H // t["num_attention_heads"] * t["num_key_value_heads"]
+
+    def ffn(type_name: str, copies: int) -> int:  # gate, up [F, H] and down [H, F] of every layer
+        def q(ne0):
+            if type_name in TERNARY_TYPES:
+                return ternary_gguf_type(TERNARY_TYPES[type_name], ne0)
+            return fitting_type(FLOAT_TYPES[type_name], ne0)
+        return L * copies * (2 * nbytes((F, H), q(H)) + nbytes((H, F), q(F)))
+
+    o = fitting_type(FLOAT_TYPES[other], H)
+    # qwen2moe needs `output` even when tied (written twice); a dense qwen2 file reuses token_embd
+    embeddings = 1 if spec.variant == "dense" and t["tie_word_embeddings"] else 2
+    body = embeddings * nbytes((p.vocab, H), o) + L * (2 * nbytes((H, H), o) + 2 * nbytes((kv, H), o))
     if spec.variant == "mote":
-        return int(body + ffn * bpw(spec.shared) + 4 * ffn * bpw(spec.ternary) * 2)  # x2: Q4_0 fallback rows
+        return body + ffn(spec.shared, 1) + ffn(spec.ternary, 4)
     if spec.variant == "moe-llava":
-        return int(body + 4 * ffn * bpw(spec.expert))
-    return int(body + ffn * bpw(spec.shared))
+        return body + ffn(spec.expert, 4)
+    return body + ffn(spec.shared, 1)
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
@@ -257,7 +299,7 @@ def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, t
                                 "repeats": a.repeats}))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mote_edge.exporters.bench_measure", str(args), str(out)],
-                       stderr=subprocess.PIPE, text=True)
+                       stderr=subprocess.PIPE, text=True, check=False)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise MoteExportError(f"measuring {name} ({model}) failed: {last}")

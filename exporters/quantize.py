@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -75,9 +77,11 @@ def quantize_tensor(arr: np.ndarray, qtype: T, name: str = "tensor") -> np.ndarr
     step = max(1, _CHUNK // max(1, rows.shape[1]))
     row_bytes = quant_shape_to_byte_shape((rows.shape[1],), qtype)[0]
     out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+    if qtype in GGML_TYPES.values():
+        _ggml_quantize_rows(rows, out, qtype, step)
+        return out.reshape(*arr.shape[:-1], row_bytes)
     for i in range(0, rows.shape[0], step):
-        chunk = np.ascontiguousarray(rows[i:i + step], dtype=np.float32)
-        out[i:i + step] = _ggml_quantize(chunk, qtype) if qtype in GGML_TYPES.values() else quantize(chunk, qtype)
+        out[i:i + step] = quantize(np.ascontiguousarray(rows[i:i + step], dtype=np.float32), qtype)
     return out.reshape(*arr.shape[:-1], row_bytes)
 
 
@@ -99,6 +103,25 @@ def ggml_lib() -> ctypes.CDLL:
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     return lib
+
+
+def _ggml_quantize_rows(rows: np.ndarray, out: np.ndarray, qtype: T, step: int) -> None:
+    """ggml's quantizer over row chunks on every core: it is reentrant and ctypes releases the GIL,
+    and the K-quants' search (about 50 ns a weight for Q4_K) would otherwise hold one core for
+    minutes at real shapes. Each chunk lands at its own rows, so the bytes do not depend on threads."""
+    threads = max(1, min(os.cpu_count() or 1, 8))
+    step = max(1, min(step, -(-rows.shape[0] // threads)))  # at least one chunk per thread
+
+    def work(i: int) -> None:
+        out[i:i + step] = _ggml_quantize(np.ascontiguousarray(rows[i:i + step], dtype=np.float32), qtype)
+
+    starts = range(0, rows.shape[0], step)
+    if threads == 1 or len(starts) == 1:
+        for i in starts:
+            work(i)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, starts))  # list(): re-raise a worker's exception here
 
 
 def _ggml_quantize(rows: np.ndarray, qtype: T) -> np.ndarray:

@@ -150,7 +150,7 @@ def tensor_specs(p: Preset, mote: dict | None) -> list[tuple[str, tuple[int, ...
             ("model.multi_modal_projector.linear_2.weight", (H, H)), ("model.multi_modal_projector.linear_2.bias", (H,)),
             ("model.language_model.embed_tokens.weight", (p.vocab, H))]
     moe_layers = set(mote["layers"]) if mote else set()
-    ffn = lambda prefix: [(f"{prefix}gate_proj.weight", (F, H)), (f"{prefix}up_proj.weight", (F, H)),  # noqa: E731
+    ffn = lambda prefix: [(f"{prefix}gate_proj.weight", (F, H)), (f"{prefix}up_proj.weight", (F, H)),
                           (f"{prefix}down_proj.weight", (H, F))]
     for i in range(t["num_hidden_layers"]):
         L = f"model.language_model.layers.{i}."

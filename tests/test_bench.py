@@ -41,7 +41,7 @@ def _mote_edge_ckpt(p: Preset, variant: str, out: Path) -> list[str]:
 
 def _shapes(path: Path) -> dict:
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (not iterable)
 
 
 @pytest.mark.parametrize("variant", ["dense", "mote", "moe-llava"])

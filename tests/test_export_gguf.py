@@ -18,7 +18,7 @@ from mote_edge.exporters import cli
 from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_llm import SHEXP_GATE, write_llm_gguf
 from mote_edge.exporters.safetensors_np import SafetensorsFile
-from mote_edge.exporters.ternary import pack_ternary, ternary_form
+from mote_edge.exporters.ternary import pack_ternary, ternary_codes, ternary_form
 from mote_edge.upcycle import upcycle
 
 from .conftest import TEXT, VISION, perturb_experts
@@ -126,6 +126,25 @@ def test_pack_ternary_dequantizes_to_codes_times_fp16_scale(qtype, cols):
     got = dequantize(packed, qtype) if qtype != T.F16 else packed.astype(np.float32)
     want = codes * scales.astype(np.float16).astype(np.float32)[:, None, None]
     assert got.shape == codes.shape and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", [T.TQ2_0, T.TQ1_0])
+def test_pack_ternary_bytes_equal_gguf_py_quantizer(qtype):
+    """The packer works from the codes; its bytes are what gguf-py's quantizer makes of codes * s
+    (an all-zero block gets d = 0 there, and here)."""
+    from gguf.quants import quantize
+
+    codes = np.random.default_rng(1).integers(-1, 2, size=(2, 6, 768)).astype(np.int8)
+    codes[0, :3, :256] = 0
+    scales = np.array([0.02, 3.0], np.float32)
+    want = np.stack([quantize(c.astype(np.float32) * s, qtype) for c, s in zip(codes, scales)])
+    assert np.array_equal(pack_ternary(codes, scales, qtype), want)
+
+
+def test_ternary_codes_round_half_to_even_like_torch():
+    w = np.array([[0.5, -0.5, 0.50000006, -0.50000006, 1.5, 2.5, -1.5, 0.0, -0.0, 0.49999997]], np.float32)
+    want = torch.from_numpy(w).round().clamp(-1, 1).to(torch.int8).numpy()
+    assert np.array_equal(ternary_codes(w, np.float32(1.0)), want)
 
 
 def test_pack_ternary_takes_codes_only():
