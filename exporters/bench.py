@@ -291,12 +291,12 @@ def _default_image() -> tuple[Path, str]:
     return data / "images" / record["image"], question.replace("<image>", "").strip()
 
 
-def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path) -> dict:
+def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, n_ctx: int, tmp: Path) -> dict:
     """One model in a child process of its own (its peak RSS is this model's alone)."""
     args, out = tmp / f"{name}.args.json", tmp / f"{name}.out.json"
     args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "threads": a.threads, "seed": a.seed,
                                 "image": str(image), "prompt": prompt, "n_gen": a.n_gen, "warmup": a.warmup,
-                                "repeats": a.repeats}))
+                                "repeats": a.repeats, "n_ctx": n_ctx}))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mote_edge.exporters.bench_measure", str(args), str(out)],
                        stderr=subprocess.PIPE, text=True, check=False)
@@ -359,7 +359,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per model (min / median / max; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes per model first, each one image "
                    "encode, a 64-token prefill and 4 decode steps: the whole model paged in (default 1)")
-    p.add_argument("--n-gen", type=int, default=32, help="greedy tokens decoded per round (default 32)")
+    p.add_argument("--n-gen", type=int, default=16, help="greedy tokens decoded per round (default 16)")
     p.add_argument("--seed", type=int, default=0, help="llama.cpp seed (decoding is greedy; preset weights use a fixed seed)")
     p.add_argument("--image", help="image for the question (default: the tiny task's first test image)")
     p.add_argument("--prompt", help="the question (default: the tiny task's first test question)")
@@ -407,7 +407,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="mote-bench-") as tmp:
         for i, (name, path, proj, spec) in enumerate(models):
             print(f"[measure {i + 1}/{len(models)}] {name} ...", file=sys.stderr)
-            m = measure(name, path, proj, a, image, prompt, Path(tmp))
+            # mote-run's context (the trained one, at most 2048), passed so the child need not parse the file
+            n_ctx = min(2048, costs[name]["context_length"] or 2048)
+            m = measure(name, path, proj, a, image, prompt, n_ctx, Path(tmp))
             results.append({"name": name, "path": str(path), "mmproj": str(proj),
                             "spec": asdict(spec) | {"label": spec.label} if spec else None} | costs[name] | m)
     bandwidth.append(memory_bandwidth(a.threads))  # again after: another job on the machine shows here

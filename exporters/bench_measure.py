@@ -41,49 +41,49 @@ def _group(name: str) -> str:
     return "attention" if "attn_" in name and "norm" not in name else "norm"
 
 
-def _all_zero(t) -> bool:
+def _all_zero(path: Path, data_start: int, t) -> bool:
     """Whether a GGUF tensor holds exact zeros: its first row decides unless that row is zero too."""
     from gguf.quants import dequantize
 
-    data = np.asarray(t.data)
-    if data.ndim > 1 and np.any(dequantize(data[:1], t.tensor_type)):
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + t.offset, shape=(t.nbytes,))
+    rows = raw.reshape(t.rows, -1)
+    if len(rows) > 1 and np.any(dequantize(rows[:1], t.qtype)):
         return False
-    return not np.any(dequantize(data, t.tensor_type))
+    return not np.any(dequantize(rows, t.qtype))
 
 
 def gguf_costs(path: str | Path) -> dict:
     """Tensor bytes by part, expert memory, and the bytes of weights one decoded token reads.
 
-    Per token llama.cpp reads all of attention, norms, routers, the shared expert (or a dense FFN;
-    or MoE-LLaVA's zero "padding" shared expert) and the output head, top_k / n_expert of every routed-expert tensor, and one embedding row. A
-    qwen2 file with tied embeddings has no `output` tensor: the head is token_embd itself."""
-    from gguf import GGUFReader
+    Per token llama.cpp reads all of attention, norms, routers, the shared expert (or a dense FFN,
+    or MoE-LLaVA's zero "padding" shared expert) and the output head, top_k / n_expert of every
+    routed-expert tensor, and one embedding row. A qwen2 file with tied embeddings has no `output`
+    tensor: the head is token_embd itself."""
+    from .gguf_header import read_gguf_header
 
-    r = GGUFReader(str(path))
-    arch = r.fields["general.architecture"].contents()
-
-    def key(k, default=0):
-        f = r.fields.get(f"{arch}.{k}")
-        return int(f.contents()) if f is not None else default
-
+    path = Path(path)
+    h = read_gguf_header(path)
+    arch = h.fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError("no general.architecture")
     groups, types, rows = {}, {}, {}
-    for t in r.tensors:
+    for t in h.tensors:
         g = _group(t.name)
-        if g == "shared" and _all_zero(t):
+        if g == "shared" and _all_zero(path, h.data_start, t):
             g = "padding"  # MoE-LLaVA has no shared expert; qwen2moe needs one, so mote-export writes zeros
-        groups[g] = groups.get(g, 0) + int(t.n_bytes)
-        types.setdefault(g, set()).add(t.tensor_type.name)
-        rows[t.name] = int(t.shape[-1]) if len(t.shape) > 1 else 1  # ggml ne: the last is the row count
-    experts, top_k = key("expert_count"), key("expert_used_count")
+        groups[g] = groups.get(g, 0) + t.nbytes
+        types.setdefault(g, set()).add(t.qtype.name)
+        rows[t.name] = t.rows
+    experts, top_k = int(h.arch_key("expert_count") or 0), int(h.arch_key("expert_used_count") or 0)
     head = groups.get("output", 0) or groups.get("token_embd", 0)
     # the input embedding row; when token_embd is also the head, that read covers it
     embd_row = groups.get("token_embd", 0) // max(rows.get("token_embd.weight", 1), 1) if groups.get("output") else 0
     per_token = (groups.get("attention", 0) + groups.get("norm", 0) + groups.get("router", 0)
                  + groups.get("shared", 0) + groups.get("padding", 0) + groups.get("ffn", 0) + head + embd_row
                  + (groups.get("routed", 0) * top_k // experts if experts else 0))
-    return {"arch": arch, "file_bytes": Path(path).stat().st_size, "group_bytes": groups,
-            "group_types": {g: sorted(v) for g, v in types.items()}, "experts": experts, "top_k": top_k,
-            "expert_bytes": groups.get("routed", 0) + groups.get("shared", 0) + groups.get("ffn", 0),
+    return {"arch": arch, "file_bytes": path.stat().st_size, "context_length": h.arch_key("context_length"),
+            "group_bytes": groups, "group_types": {g: sorted(v) for g, v in types.items()}, "experts": experts,
+            "top_k": top_k, "expert_bytes": groups.get("routed", 0) + groups.get("shared", 0) + groups.get("ffn", 0),
             "bytes_per_token": per_token}
 
 

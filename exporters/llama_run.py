@@ -84,16 +84,13 @@ def _handler_class():
 def mmproj_image_size(path: str | Path) -> int:
     """clip.vision.image_size of an mmproj file: images are resized to it here, exactly as the
     HF SigLIP processor does, so llama.cpp's own (letterboxing) resize never runs."""
-    from gguf import GGUFReader
+    from .gguf_header import read_gguf_header
 
-    try:
-        field = GGUFReader(str(path)).fields.get("clip.vision.image_size")
-    except (OSError, ValueError) as exc:
-        raise MoteExportError(f"{path} is not a readable GGUF file ({exc})") from None
-    if field is None:
+    size = read_gguf_header(path).fields.get("clip.vision.image_size")
+    if size is None:
         raise MoteExportError(f"{path} is not an mmproj file (no clip.vision.image_size); "
                               "expected the <stem>-mmproj.gguf written by mote-export")
-    return int(field.contents())
+    return int(size)
 
 
 def default_mmproj(model_path: str | Path) -> Path:
@@ -103,15 +100,10 @@ def default_mmproj(model_path: str | Path) -> Path:
 
 def _trained_context(model_path: Path) -> int | None:
     """`<arch>.context_length` of a GGUF model, or None when absent."""
-    from gguf import GGUFReader
+    from .gguf_header import read_gguf_header
 
-    try:
-        fields = GGUFReader(str(model_path)).fields
-    except (OSError, ValueError) as exc:
-        raise MoteExportError(f"{model_path} is not a readable GGUF file ({exc})") from None
-    arch = fields.get("general.architecture")
-    ctx = fields.get(f"{arch.contents()}.context_length") if arch is not None else None
-    return int(ctx.contents()) if ctx is not None else None
+    ctx = read_gguf_header(model_path).arch_key("context_length")
+    return int(ctx) if ctx is not None else None
 
 
 def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,

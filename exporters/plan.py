@@ -38,6 +38,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as T
 
 from .errors import MoteExportError, cli_entry
+from .gguf_header import read_gguf_header
 
 GIB, MIB = 2 ** 30, 2 ** 20
 LM = "model.language_model."
@@ -568,103 +569,32 @@ def _plan_repack_bytes(plan: Plan) -> int:
     return sum(p.nbytes for p in planned if p.qtype in REPACKABLE)
 
 
-def read_gguf_header(path: str | Path) -> tuple[dict, list[tuple[str, tuple[int, ...], T, int]]]:
-    """(scalar key/values, [(tensor name, ne dims, type, bytes)]) of a GGUF file, from its header only.
-
-    gguf.GGUFReader would do, but it parses every array: on a 151936-token vocabulary that is 6 s and
-    ~300 MiB of Python objects, which is memory the run being planned does not have. Arrays are skipped
-    here (their length is kept as "<key>#len")."""
-    import struct
-
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGUFValueType as V
-
-    fmt = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
-           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise MoteExportError(f"{path} is not a readable GGUF file ({exc})") from None
-    with f:
-        def read(fm):
-            size = struct.calcsize("<" + fm)
-            data = f.read(size)
-            if len(data) != size:
-                raise MoteExportError(f"{path} is truncated: not a complete GGUF header")
-            return struct.unpack("<" + fm, data)[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def skip(vtype) -> None:
-            if vtype == V.STRING:
-                f.seek(read("Q"), 1)
-            elif vtype == V.ARRAY:
-                item, n = V(read("I")), read("Q")
-                if item in fmt:
-                    f.seek(n * struct.calcsize(fmt[item]), 1)
-                else:
-                    for _ in range(n):
-                        skip(item)
-            else:
-                f.seek(struct.calcsize(fmt[vtype]), 1)
-
-        if f.read(4) != b"GGUF":
-            raise MoteExportError(f"{path} is not a GGUF file")
-        try:
-            read("I")
-            n_tensors, n_kv = read("Q"), read("Q")
-            fields = {}
-            for _ in range(n_kv):
-                key, vtype = string(), V(read("I"))
-                if vtype == V.STRING:
-                    fields[key] = string()
-                elif vtype == V.ARRAY:
-                    pos = f.tell()
-                    read("I")
-                    fields[key + "#len"] = read("Q")
-                    f.seek(pos)
-                    skip(vtype)
-                else:
-                    fields[key] = read(fmt[vtype])
-            tensors = []
-            for _ in range(n_tensors):
-                name = string()
-                dims = tuple(read("Q") for _ in range(read("I")))
-                qtype = T(read("I"))
-                read("Q")
-                block, size = GGML_QUANT_SIZES[qtype]
-                tensors.append((name, dims, qtype, math.prod(dims) // block * size))
-        except (ValueError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
-            raise MoteExportError(f"{path} is not a readable GGUF file ({exc})") from None
-    return fields, tensors
-
-
 def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None) -> dict:
     """resident_estimate of exported files, from their GGUF headers only (nothing is loaded). n_ctx None:
     what mote-run's load() chooses, the trained context capped at 2048."""
-    f, tensors = read_gguf_header(model_path)
-    arch = f.get("general.architecture")
+    h = read_gguf_header(model_path)
 
     def key(name, default=None):
-        v = f.get(f"{arch}.{name}", default)
+        v = h.arch_key(name, default)
         if v is None:
-            raise MoteExportError(f"{model_path}: no {arch}.{name}; not a llama.cpp model file")
+            raise MoteExportError(f"{model_path}: no {h.fields.get('general.architecture')}.{name}; "
+                                  "not a llama.cpp model file")
         return int(v)
 
     if n_ctx is None:
         n_ctx = min(2048, key("context_length", 2048))
-    weights = sum(n for *_, n in tensors)
-    repack = sum(n for _, _, qt, n in tensors if qt in REPACKABLE)
-    vocab = next((dims[1] for name, dims, *_ in tensors if name == "token_embd.weight"), 0)
+    weights = sum(t.nbytes for t in h.tensors)
+    repack = sum(t.nbytes for t in h.tensors if t.qtype in REPACKABLE)
+    vocab = next((t.dims[1] for t in h.tensors if t.name == "token_embd.weight"), 0)
     hidden, heads = key("embedding_length"), key("attention.head_count")
     ffn = key("feed_forward_length", 0)
-    if f.get(f"{arch}.expert_count"):
+    if h.arch_key("expert_count"):
         ffn = key("expert_shared_feed_forward_length", 0) + key("expert_used_count") * key("expert_feed_forward_length")
     vision = None
     if mmproj_path is not None:
-        mf, mt = read_gguf_header(mmproj_path)
-        weights += sum(n for *_, n in mt)
+        m = read_gguf_header(mmproj_path)
+        mf = m.fields
+        weights += sum(t.nbytes for t in m.tensors)
         try:
             vision = dict(image_size=int(mf["clip.vision.image_size"]), patch_size=int(mf["clip.vision.patch_size"]),
                           heads=int(mf["clip.vision.attention.head_count"]),

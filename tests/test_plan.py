@@ -13,6 +13,7 @@ from gguf import GGUFReader
 from mote_edge.exporters import cli, llama_run
 from mote_edge.exporters import plan as P
 from mote_edge.exporters.errors import MoteExportError
+from mote_edge.exporters.gguf_header import read_gguf_header
 from mote_edge.exporters.gguf_llm import write_llm_gguf
 from mote_edge.exporters.gguf_mmproj import write_mmproj
 
@@ -403,10 +404,11 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
     for path in (tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf")):
-        fields, tensors = P.read_gguf_header(path)
-        r = GGUFReader(path)
-        assert [(n, d, q, b) for n, d, q, b in tensors] == \
-            [(t.name, tuple(int(x) for x in t.shape), T(t.tensor_type), int(t.n_bytes)) for t in r.tensors]
+        h = read_gguf_header(path)
+        fields, r = h.fields, GGUFReader(path)
+        assert [(t.name, t.dims, t.qtype, t.nbytes, h.data_start + t.offset) for t in h.tensors] == \
+            [(t.name, tuple(int(x) for x in t.shape), T(t.tensor_type), int(t.n_bytes), int(t.data_offset))
+             for t in r.tensors]
         for k, v in r.fields.items():
             if k.startswith("GGUF."):
                 continue
@@ -417,7 +419,7 @@ def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
     bad = tiny_gguf.with_name("bad.gguf")
     bad.write_bytes(tiny_gguf.read_bytes()[:300])
     with pytest.raises(MoteExportError, match="truncated|not a readable"):
-        P.read_gguf_header(bad)
+        read_gguf_header(bad)
 
 
 def test_resident_estimate_terms(tiny_gguf):
