@@ -106,6 +106,22 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label_offsets(ax, points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, int]]:
+    """Vertical offsets (points) so that labels of nearby markers do not print over each other: a
+    label whose box would overlap one already placed moves down a line until it is clear."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    width_pt, height_pt = (ax.figure.get_size_inches() * 72 * [ax.get_position().width, ax.get_position().height])
+    placed, out = [], []
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        px, py = (x - x0) / (x1 - x0) * width_pt, (y - y0) / (y1 - y0) * height_pt
+        dy, w = 4, 5 * len(name)  # ~5 pt per character at fontsize 8
+        while any(abs(py + dy - qy) < 10 and px < qx + qw and qx < px + w for qx, qy, qw in placed):
+            dy -= 10
+        placed.append((px, py + dy, w))
+        out.append((name, x, y, dy))
+    return out
+
+
 def plots(r: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -114,12 +130,15 @@ def plots(r: dict, out: Path) -> list[Path]:
 
     ms = r["models"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = []
     for m in ms:
         d = m["stats"]["decode_tok_s"]
         x = m["rss_peak"] / GIB
         ax.errorbar(x, d["median"], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]], fmt="o",
                     color=COLORS[_family(m)], capsize=3)
-        ax.annotate(m["name"], (x, d["median"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points.append((m["name"], x, d["median"]))
+    for name, x, y, dy in _label_offsets(ax, points):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
     for fam, color in COLORS.items():
         if any(_family(m) == fam for m in ms):
             ax.scatter([], [], color=color, label=fam or "GGUF file")

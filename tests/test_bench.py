@@ -206,3 +206,21 @@ def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatc
     err = cap.err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert list(tmp_path.iterdir()) == []  # no report folder, no cache
+
+
+def test_plot_labels_of_coinciding_points_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mote_edge.exporters.bench_report import _label_offsets
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    points = [("a-long-name", 5.0, 5.0), ("b-long-name", 5.05, 5.02), ("c", 9.0, 1.0)]
+    offsets = {name: dy for name, _, _, dy in _label_offsets(ax, points)}
+    assert abs(offsets["a-long-name"] - offsets["b-long-name"]) >= 10  # one line apart at least
+    assert offsets["c"] == 4  # a lone point keeps the default place
+    plt.close(fig)
