@@ -288,7 +288,9 @@ def main(argv=None):
         for path, what in ((model, "model"), (proj, "mmproj")):
             if not path.is_file():
                 raise MoteExportError(f"{what} file {str(path)!r} does not exist")
-        plan = gguf_resident(model, proj, n_ctx)  # n_ctx None: what load() chooses (trained, at most 2048)
+        llama_cpp, _ = _llama_cpp()
+        # n_ctx None: what load() chooses (trained, at most 2048); the CPU flags decide what llama.cpp repacks
+        plan = gguf_resident(model, proj, n_ctx, llama_cpp.llama_print_system_info().decode())
         n_ctx = plan["n_ctx"]
         if plan["total_bytes"] > limit:
             raise MoteExportError(f"planned resident memory {format_resident(plan)} exceeds --memory-limit "

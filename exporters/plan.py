@@ -500,10 +500,27 @@ def budget_search(cfg: dict, budget: int, scope: str = "model", fixed: dict | No
 
 # ---- resident memory of a llama.cpp run (mote-run --memory-limit) -----------------------------------------
 
-# Types this llama.cpp's CPU backend may repack into an interleaved copy at load (CPU_REPACK buffer;
-# the strings of libggml-cpu list q4_0, q4_K, q5_K, q6_K, q8_0, q2_K, iq4_nl, mxfp4 traits): the copy is
-# anonymous memory while the mapped file pages it was read from were touched too, so they count twice.
+# Types llama.cpp's CPU backend may repack into an interleaved copy at load (CPU_REPACK buffer): the
+# copy is anonymous memory while the mapped file pages it was read from were touched too, so they count
+# twice. Which types depends on the CPU (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type, in the
+# llama.cpp of llama-cpp-python 0.3.36): on x86, AVX2 repacks q4_0, q4_K, iq4_nl, mxfp4 and AVX512 also
+# q2_K (measured here: Q4_K experts add their size to RssAnon, Q8_0 and BF16 do not); ARM NEON with
+# dotprod / i8mm also repacks q5_K, q6_K and q8_0. REPACKABLE is the union, for a device not known.
 REPACKABLE = {T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.IQ4_NL, T.MXFP4}
+_X86_REPACK = {"AVX2": {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}, "AVX512": {T.Q2_K}}
+# Only matrix-multiply weights go to the repack buffer; token_embd is read by GET_ROWS and stays as stored.
+_NOT_REPACKED = ("token_embd.weight",)
+
+
+def repackable_types(system_info: str | None = None) -> set:
+    """The types repacked on the CPU that `system_info` (llama_cpp.llama_print_system_info()) describes:
+    exact on x86 (by its AVX2 / AVX512 flags), REPACKABLE elsewhere or when unknown."""
+    flags = dict(re.findall(r"(\w+) = (\d+)", system_info or ""))
+    if "AVX" not in flags and "SSE3" not in flags:  # not an x86 build (or no information): the union
+        return set(REPACKABLE)
+    return set().union(*(types for flag, types in _X86_REPACK.items() if flags.get(flag) == "1"))
+
+
 RUNTIME_OVERHEAD = 128 * MIB  # measured 62 MiB on the tiny model (Python 3.11 + numpy + llama_cpp + PIL
 # imports 47 MiB, llama.cpp / mtmd contexts 15 MiB, Linux x86-64); doubled for other platforms/builds
 COMPUTE_MARGIN = 1.25
@@ -515,7 +532,7 @@ def resident_estimate(*, weights_bytes: int, repack_bytes: int, layers: int, hea
     """Planned peak resident memory of `mote-run` (llama-cpp-python, CPU) in bytes, by part.
 
     weights   GGUF tensor bytes of both files (the LLM is memory-mapped and every page gets touched; the
-              projector is read into memory), plus a second copy of the repackable ones (REPACKABLE).
+              projector is read into memory), plus a second copy of the repacked ones (repackable_types).
     kv        2 (K and V) x layers x n_ctx x kv_heads x head_dim x 2 bytes (f16 cache, llama-cpp-python's
               default), n_ctx rounded up to 256 cells.
     compute   llama.cpp's graph buffer, for a micro-batch of u = min(n_ctx, 512) tokens (llama-cpp-python's
@@ -566,12 +583,14 @@ def plan_resident(plan: Plan, n_ctx: int) -> dict:
 
 def _plan_repack_bytes(plan: Plan) -> int:
     _, planned = _tensors(plan.cfg, plan.source, {g: plan.types.get(g) for g in SEARCH_GROUPS})
-    return sum(p.nbytes for p in planned if p.qtype in REPACKABLE)
+    return sum(p.nbytes for p in planned if p.qtype in REPACKABLE and p.name not in _NOT_REPACKED)
 
 
-def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None) -> dict:
+def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None,
+                  system_info: str | None = None) -> dict:
     """resident_estimate of exported files, from their GGUF headers only (nothing is loaded). n_ctx None:
-    what mote-run's load() chooses, the trained context capped at 2048."""
+    what mote-run's load() chooses, the trained context capped at 2048. system_info: the llama.cpp
+    build's CPU flags, which decide what is repacked (repackable_types)."""
     h = read_gguf_header(model_path)
 
     def key(name, default=None):
@@ -584,7 +603,8 @@ def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
     if n_ctx is None:
         n_ctx = min(2048, key("context_length", 2048))
     weights = sum(t.nbytes for t in h.tensors)
-    repack = sum(t.nbytes for t in h.tensors if t.qtype in REPACKABLE)
+    repacked = repackable_types(system_info)
+    repack = sum(t.nbytes for t in h.tensors if t.qtype in repacked and t.name not in _NOT_REPACKED)
     vocab = next((t.dims[1] for t in h.tensors if t.name == "token_embd.weight"), 0)
     hidden, heads = key("embedding_length"), key("attention.head_count")
     ffn = key("feed_forward_length", 0)

@@ -433,6 +433,32 @@ def test_resident_estimate_terms(tiny_gguf):
     assert longer["kv_cache_bytes"] == 8 * e["kv_cache_bytes"] and longer["compute_bytes"] > e["compute_bytes"]
 
 
+X86_AVX2 = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 0 | OPENMP = 1 | REPACK = 1 |"
+ARM = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | MATMUL_INT8 = 1 | OPENMP = 1 | REPACK = 1 |"
+
+
+def test_repacked_types_follow_the_cpu_flags():
+    assert P.repackable_types(X86_AVX2) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}
+    assert P.repackable_types(X86_AVX2.replace("AVX512 = 0", "AVX512 = 1")) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4, T.Q2_K}
+    assert P.repackable_types(X86_AVX2.replace("AVX2 = 1", "AVX2 = 0")) == set()
+    assert P.repackable_types(ARM) == P.repackable_types(None) == P.REPACKABLE  # not x86: every type that may be
+
+
+def test_resident_repack_term_counts_matmul_weights_of_repacked_types(tmp_path):
+    if not (TINY / "model.safetensors").is_file():
+        pytest.skip("embedded tiny checkpoint not built")
+    out = _export(TINY, tmp_path / "q.gguf", {"attention": "q4_0", "shared": "q8_0"})
+    proj = out.with_name("q-mmproj.gguf")
+    tensors = read_gguf_header(out).tensors
+    q4 = sum(t.nbytes for t in tensors if t.qtype == T.Q4_0 and t.name != "token_embd.weight")
+    q8 = sum(t.nbytes for t in tensors if t.qtype == T.Q8_0)
+    assert q4 > 0 and q8 > 0 and any(t.name == "token_embd.weight" and t.qtype == T.Q4_0 for t in tensors)
+    x86, arm = P.gguf_resident(out, proj, system_info=X86_AVX2), P.gguf_resident(out, proj, system_info=ARM)
+    assert x86["repack_bytes"] == q4  # token_embd is read by GET_ROWS, never repacked; Q8_0 is not on x86
+    assert arm["repack_bytes"] == q4 + q8
+    assert arm["total_bytes"] - x86["total_bytes"] == q8
+
+
 def test_memory_limit_refuses_before_loading(tiny_gguf, monkeypatch, capsys):
     def no_load(*a, **k):
         raise AssertionError("load() must not run")
@@ -460,7 +486,10 @@ sys.exit(r.returncode)
 def test_peak_rss_stays_under_the_accepted_limit(tiny_gguf):
     pytest.importorskip("llama_cpp")
     rec = json.loads((ASSETS / "data" / "test.json").read_text())[0]
-    planned = P.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"))["total_bytes"]
+    import llama_cpp
+
+    planned = P.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"),
+                              system_info=llama_cpp.llama_print_system_info().decode())["total_bytes"]
     run = [str(BIN / "mote-run"), str(tiny_gguf), "--image", str(ASSETS / "data" / "images" / rec["image"]),
            "--prompt", rec["conversations"][0]["value"].removeprefix("<image>\n"), "--threads", "2", "--max-tokens", "4"]
     # a fresh parent whose only child is mote-run: RUSAGE_CHILDREN's ru_maxrss is that child's peak RSS
