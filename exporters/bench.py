@@ -291,12 +291,12 @@ def _default_image() -> tuple[Path, str]:
     return data / "images" / record["image"], question.replace("<image>", "").strip()
 
 
-def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, n_ctx: int, tmp: Path) -> dict:
+def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path) -> dict:
     """One model in a child process of its own (its peak RSS is this model's alone)."""
     args, out = tmp / f"{name}.args.json", tmp / f"{name}.out.json"
     args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "threads": a.threads, "seed": a.seed,
                                 "image": str(image), "prompt": prompt, "n_gen": a.n_gen, "warmup": a.warmup,
-                                "repeats": a.repeats, "n_ctx": n_ctx}))
+                                "repeats": a.repeats}))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mote_edge.exporters.bench_measure", str(args), str(out)],
                        stderr=subprocess.PIPE, text=True, check=False)
@@ -407,9 +407,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="mote-bench-") as tmp:
         for i, (name, path, proj, spec) in enumerate(models):
             print(f"[measure {i + 1}/{len(models)}] {name} ...", file=sys.stderr)
-            # mote-run's context (the trained one, at most 2048), passed so the child need not parse the file
-            n_ctx = min(2048, costs[name]["context_length"] or 2048)
-            m = measure(name, path, proj, a, image, prompt, n_ctx, Path(tmp))
+            m = measure(name, path, proj, a, image, prompt, Path(tmp))
             results.append({"name": name, "path": str(path), "mmproj": str(proj),
                             "spec": asdict(spec) | {"label": spec.label} if spec else None} | costs[name] | m)
     bandwidth.append(memory_bandwidth(a.threads))  # again after: another job on the machine shows here

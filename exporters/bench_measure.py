@@ -81,8 +81,8 @@ def gguf_costs(path: str | Path) -> dict:
     per_token = (groups.get("attention", 0) + groups.get("norm", 0) + groups.get("router", 0)
                  + groups.get("shared", 0) + groups.get("padding", 0) + groups.get("ffn", 0) + head + embd_row
                  + (groups.get("routed", 0) * top_k // experts if experts else 0))
-    return {"arch": arch, "file_bytes": path.stat().st_size, "context_length": h.arch_key("context_length"),
-            "group_bytes": groups, "group_types": {g: sorted(v) for g, v in types.items()}, "experts": experts,
+    return {"arch": arch, "file_bytes": path.stat().st_size, "group_bytes": groups,
+            "group_types": {g: sorted(v) for g, v in types.items()}, "experts": experts,
             "top_k": top_k, "expert_bytes": groups.get("routed", 0) + groups.get("shared", 0) + groups.get("ffn", 0),
             "bytes_per_token": per_token}
 
@@ -256,7 +256,7 @@ def measure_model(a: dict) -> dict:
 
     load_average_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    llm = load(a["model"], a["mmproj"], n_ctx=a.get("n_ctx"), n_threads=a["threads"], seed=a["seed"])
+    llm = load(a["model"], a["mmproj"], n_threads=a["threads"], seed=a["seed"])
     load_s = time.perf_counter() - t0
     at_load = _proc_status()
     messages = messages_for(llm, a["image"], a["prompt"])

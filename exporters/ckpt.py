@@ -20,6 +20,23 @@ _LM_PREFIXES = ("model.language_model.", "language_model.model.")
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
+def check_llava_qwen2(cfg, where: str) -> None:
+    """Accept only the shape MoTE supports: LLaVA with a SigLIP tower, GELU MLP connector, Qwen2 LLM
+    (also the torch side's check: mote_edge.checkpoint imports it)."""
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "llava":
+        got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise MoteExportError(f"{where}: unsupported architecture model_type={got!r}; {_ACCEPTED}")
+    vision = (cfg.get("vision_config") or {}).get("model_type")
+    text = (cfg.get("text_config") or {}).get("model_type")
+    if vision not in ("siglip_vision_model", "siglip"):
+        raise MoteExportError(f"{where}: unsupported vision tower {vision!r}; {_ACCEPTED}")
+    if text != "qwen2":
+        raise MoteExportError(f"{where}: unsupported language model {text!r}; {_ACCEPTED}")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise MoteExportError(f"{where}: unsupported connector activation {cfg.get('projector_hidden_act')!r}; "
+                              "accepted: a 2-layer GELU MLP")
+
+
 def read_config(ckpt_dir: str | Path) -> dict:
     """config.json of a LLaVA (SigLIP + GELU MLP + Qwen2) checkpoint folder, validated."""
     d = Path(ckpt_dir)
@@ -33,18 +50,7 @@ def read_config(ckpt_dir: str | Path) -> dict:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoteExportError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "llava":
-        got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
-        raise MoteExportError(f"{d}: unsupported architecture model_type={got!r}; {_ACCEPTED}")
-    vision = (cfg.get("vision_config") or {}).get("model_type")
-    text = (cfg.get("text_config") or {}).get("model_type")
-    if vision not in ("siglip_vision_model", "siglip"):
-        raise MoteExportError(f"{d}: unsupported vision tower {vision!r}; {_ACCEPTED}")
-    if text != "qwen2":
-        raise MoteExportError(f"{d}: unsupported language model {text!r}; {_ACCEPTED}")
-    if cfg.get("projector_hidden_act", "gelu") != "gelu":
-        raise MoteExportError(f"{d}: unsupported connector activation {cfg.get('projector_hidden_act')!r}; "
-                              "accepted: a 2-layer GELU MLP")
+    check_llava_qwen2(cfg, str(d))
     return cfg
 
 

@@ -98,19 +98,20 @@ def default_mmproj(model_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}-mmproj{p.suffix or '.gguf'}")
 
 
-def _trained_context(model_path: Path) -> int | None:
-    """`<arch>.context_length` of a GGUF model, or None when absent."""
-    from .gguf_header import read_gguf_header
+MAX_DEFAULT_CTX = 2048  # a laptop-sized KV cache
 
-    ctx = read_gguf_header(model_path).arch_key("context_length")
-    return int(ctx) if ctx is not None else None
+
+def default_n_ctx(header) -> int:
+    """The context mote-run uses without --n-ctx: the model's trained one (its GGUFHeader's
+    `<arch>.context_length`), at most MAX_DEFAULT_CTX. Shared by load(), --memory-limit and mote-bench."""
+    return min(MAX_DEFAULT_CTX, int(header.arch_key("context_length") or MAX_DEFAULT_CTX))
 
 
 def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
          n_threads: int | None = None, seed: int = 0):
     """A llama_cpp.Llama with the multimodal handler for the model's mmproj file.
 
-    n_ctx defaults to the trained context capped at 2048 (a laptop-sized KV cache)."""
+    n_ctx defaults to default_n_ctx: the trained context, at most 2048."""
     llama_cpp, _ = _llama_cpp()
     model, proj = Path(model_path), Path(mmproj) if mmproj else default_mmproj(model_path)
     for p, what in ((model, "model"), (proj, "mmproj")):
@@ -118,7 +119,9 @@ def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | 
             hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if p is proj else ""
             raise MoteExportError(f"{what} file {str(p)!r} does not exist{hint}")
     if n_ctx is None:
-        n_ctx = min(2048, _trained_context(model) or 2048)
+        from .gguf_header import read_gguf_header
+
+        n_ctx = default_n_ctx(read_gguf_header(model))
     handler = _handler_class()(clip_model_path=str(proj))
     # mtmd logs every image and text chunk to stderr through its own logger; route it through
     # llama-cpp-python's, which obeys verbose=False like the rest of llama.cpp.

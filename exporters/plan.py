@@ -601,7 +601,9 @@ def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         return int(v)
 
     if n_ctx is None:
-        n_ctx = min(2048, key("context_length", 2048))
+        from .llama_run import default_n_ctx
+
+        n_ctx = default_n_ctx(h)
     weights = sum(t.nbytes for t in h.tensors)
     repacked = repackable_types(system_info)
     repack = sum(t.nbytes for t in h.tensors if t.qtype in repacked and t.name not in _NOT_REPACKED)

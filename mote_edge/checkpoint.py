@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoteError
+from .exporters.ckpt import check_llava_qwen2  # the one architecture check, torch-free (re-exported)
 
 WEIGHT_FILES = ("model.safetensors",)
 # Files that belong to the weights/config and are rewritten, never copied, when deriving a checkpoint.
@@ -32,22 +33,6 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
         return json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoteError(f"{cfg_path} is not valid JSON ({exc})") from None
-
-
-def check_llava_qwen2(cfg: dict, where: str) -> None:
-    """Accept only the shape MoTE supports: LLaVA with a SigLIP tower, GELU MLP connector, Qwen2 LLM."""
-    accepted = "accepted: model_type 'llava' with a 'siglip_vision_model' tower and a 'qwen2' language model"
-    if cfg.get("model_type") != "llava":
-        raise MoteError(f"{where}: unsupported architecture model_type={cfg.get('model_type')!r}; {accepted}")
-    vision = (cfg.get("vision_config") or {}).get("model_type")
-    text = (cfg.get("text_config") or {}).get("model_type")
-    if vision not in ("siglip_vision_model", "siglip"):
-        raise MoteError(f"{where}: unsupported vision tower {vision!r}; {accepted}")
-    if text != "qwen2":
-        raise MoteError(f"{where}: unsupported language model {text!r}; {accepted}")
-    act = cfg.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise MoteError(f"{where}: unsupported connector activation {act!r}; accepted: a 2-layer GELU MLP")
 
 
 def check_weights(ckpt_dir: Path) -> Path:
