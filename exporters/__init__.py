@@ -1,1 +1,2 @@
-"""Checkpoint -> GGUF (LLM + mmproj) and the laptop run through llama-cpp-python. numpy only: never imports torch."""
+"""Torch-free writers: the checkpoint reader, ternary packing, GGUF (LLM + mmproj), the memory planner and
+budget search. Exporters write files; they do not run them (runtime_cpu does)."""

@@ -17,13 +17,10 @@ from .errors import MoteExportError, cli_entry
 FORMATS = ("gguf", "onnx")
 
 
-def mmproj_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}-mmproj{out.suffix or '.gguf'}")
-
-
 @cli_entry
 def main(argv=None):
     try:  # gguf is an optional dependency of the package: say so in one line
+        from .gguf_file import mmproj_path
         from .gguf_llm import format_summary, write_llm_gguf
         from .gguf_mmproj import write_mmproj
         from .quantize import FLOAT_TYPES

@@ -54,3 +54,10 @@ def write_tensors(wr: GGUFWriter, infos: Iterable[tuple[str, tuple[int, ...], GG
     wr.write_ti_data_to_file()
     for make in tqdm(data, desc="gguf", unit="tensor", total=total, disable=not progress):
         wr.write_tensor_data(np.ascontiguousarray(make()))
+
+
+def mmproj_path(model: str | Path) -> Path:
+    """Where mote-export writes a model's vision projector, and where every engine looks for it:
+    model.gguf -> model-mmproj.gguf beside it."""
+    p = Path(model)
+    return p.with_name(f"{p.stem}-mmproj{p.suffix or '.gguf'}")

@@ -1,14 +1,12 @@
 """mote-plan: the memory plan of a MoTE / MoE-LLaVA export from a config alone (no weights, no torch),
-the memory-budget search behind `mote-export --memory-budget`, and the resident-memory estimate
-behind `mote-run --memory-limit`.
+and the memory-budget search behind `mote-export --memory-budget`. File bytes only: what a run keeps
+resident is each engine's own estimate (runtime_cpu), which mote-plan prints beside this plan.
 
     mote-plan CONFIG_OR_CKPT [--experts 4] [--variant mote|moe-llava|dense] [--shared-type T] ...
     mote-plan --preset qwen2.5-3b --experts 4 --shared-type bf16 [--json] [--paper]
     mote-plan --preset qwen2.5-3b --memory-budget 3.4GB --budget-scope experts
 
-Sizes: one convention everywhere in this project. "GB", "G" and "GiB" all mean 2^30 bytes (likewise
-K/M/T = 2^10/2^20/2^40): the MoTE paper's "GB" are GiB (DESIGN.md section 1), and RAM is sized in
-binary units. Give a plain byte count (e.g. 3400000000) for a decimal size. Output is in GiB / MiB.
+Sizes: GB = GiB = 2^30 bytes, as everywhere in this project (units.py).
 
 Exactness: bytes come from gguf_llm.llm_tensors and gguf_mmproj._Plan, the very lists the exporter
 writes, fed shapes from the config (ConfigShapes) instead of a checkpoint; so every fallback the
@@ -29,7 +27,6 @@ import argparse
 import itertools
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,36 +34,10 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
-from .errors import MoteExportError, cli_entry
-from .gguf_header import read_gguf_header
+from .errors import MoteExportError
+from .units import GIB, MIB, SIZE_HELP, human, parse_size
 
-GIB, MIB = 2 ** 30, 2 ** 20
 LM = "model.language_model."
-
-# ---- sizes ------------------------------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS.update({_p: 1024 ** _i, _p + "b": 1024 ** _i, _p + "ib": 1024 ** _i})
-SIZE_HELP = ("e.g. 3.4GB, 900MiB, 2GiB, 512M; GB = G = GiB = 2^30 bytes (binary, as the MoTE paper's GB "
-             "and RAM sizes; give plain bytes for decimal)")
-
-
-def parse_size(text: str, option: str = "size") -> int:
-    """'3.4GB' / '900MiB' / '2GiB' / '512M' / '123456' -> bytes. All prefixes are binary (GB = GiB)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-zA-Z]*)\s*", str(text))
-    unit = m and m.group(3).lower()
-    if not m or unit not in _UNITS:
-        raise MoteExportError(f"{option} {text!r} is not a size; {SIZE_HELP}")
-    value = float(m.group(1)) * 10 ** int(m.group(2) or 0) * _UNITS[unit]
-    if not 0 < value < 2 ** 62:
-        raise MoteExportError(f"{option} {text!r} must be a positive size; {SIZE_HELP}")
-    return int(value)
-
-
-def human(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / MIB:.2f} MiB"
-
 
 # ---- configs: presets, files, checkpoint folders ----------------------------------------------------------
 
@@ -360,6 +331,11 @@ def _mmproj_items(cfg: dict, where: str, mmproj_type: str, weights=None) -> list
     return _Plan(weights if weights is not None else ConfigShapes(cfg, where), cfg, t).items
 
 
+def plan_tensors(plan: Plan) -> list:
+    """The LLM tensors a plan writes (name, qtype, nbytes ...), for an engine's resident estimate."""
+    return _tensors(plan.cfg, plan.source, {g: plan.types.get(g) for g in SEARCH_GROUPS})[1]
+
+
 def make_plan(cfg: dict, where: str = "config", types: dict | None = None, mmproj_type: str = "f16",
               mmproj: bool = True, weights=None) -> Plan:
     """The plan of one set of types: `types` maps routed / shared / attention / embedding to a type
@@ -498,143 +474,6 @@ def budget_search(cfg: dict, budget: int, scope: str = "model", fixed: dict | No
     return plan
 
 
-# ---- resident memory of a llama.cpp run (mote-run --memory-limit) -----------------------------------------
-
-# Types llama.cpp's CPU backend may repack into an interleaved copy at load (CPU_REPACK buffer): the
-# copy is anonymous memory while the mapped file pages it was read from were touched too, so they count
-# twice. Which types depends on the CPU (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type, in the
-# llama.cpp of llama-cpp-python 0.3.36): on x86, AVX2 repacks q4_0, q4_K, iq4_nl, mxfp4 and AVX512 also
-# q2_K (measured here: Q4_K experts add their size to RssAnon, Q8_0 and BF16 do not); ARM NEON with
-# dotprod / i8mm also repacks q5_K, q6_K and q8_0. REPACKABLE is the union, for a device not known.
-REPACKABLE = {T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q2_K, T.IQ4_NL, T.MXFP4}
-_X86_REPACK = {"AVX2": {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}, "AVX512": {T.Q2_K}}
-# Only matrix-multiply weights go to the repack buffer; token_embd is read by GET_ROWS and stays as stored.
-_NOT_REPACKED = ("token_embd.weight",)
-
-
-def repackable_types(system_info: str | None = None) -> set:
-    """The types repacked on the CPU that `system_info` (llama_cpp.llama_print_system_info()) describes:
-    exact on x86 (by its AVX2 / AVX512 flags), REPACKABLE elsewhere or when unknown."""
-    flags = dict(re.findall(r"(\w+) = (\d+)", system_info or ""))
-    if "AVX" not in flags and "SSE3" not in flags:  # not an x86 build (or no information): the union
-        return set(REPACKABLE)
-    return set().union(*(types for flag, types in _X86_REPACK.items() if flags.get(flag) == "1"))
-
-
-RUNTIME_OVERHEAD = 128 * MIB  # measured 62 MiB on the tiny model (Python 3.11 + numpy + llama_cpp + PIL
-# imports 47 MiB, llama.cpp / mtmd contexts 15 MiB, Linux x86-64); doubled for other platforms/builds
-COMPUTE_MARGIN = 1.25
-
-
-def resident_estimate(*, weights_bytes: int, repack_bytes: int, layers: int, heads: int, kv_heads: int,
-                      head_dim: int, hidden: int, ffn_active: int, vocab: int, n_ctx: int,
-                      vision: dict | None = None, kv_bytes_per_value: int = 2) -> dict:
-    """Planned peak resident memory of `mote-run` (llama-cpp-python, CPU) in bytes, by part.
-
-    weights   GGUF tensor bytes of both files (the LLM is memory-mapped and every page gets touched; the
-              projector is read into memory), plus a second copy of the repacked ones (repackable_types).
-    kv        2 (K and V) x layers x n_ctx x kv_heads x head_dim x 2 bytes (f16 cache, llama-cpp-python's
-              default), n_ctx rounded up to 256 cells.
-    compute   llama.cpp's graph buffer, for a micro-batch of u = min(n_ctx, 512) tokens (llama-cpp-python's
-              n_batch / n_ubatch): 4 bytes x u x (n_ctx x (heads + 1)   attention scores f32 + mask
-                                                  + vocab                logits
-                                                  + 6 x hidden           residual, norms, q/k/v/o
-                                                  + 3 x ffn_active)      SwiGLU gate/up/product of the
-              shared expert + top-k routed experts; plus the logits output buffer (vocab x 4) and the
-              vision graph: 4 bytes x patches x (2 x patches x vision heads + 8 x width + 2 x vision ffn
-              + 2 x hidden); the sum times COMPUTE_MARGIN (1.25). A sum where llama.cpp reuses memory
-              between graph nodes (it allocates the peak of live tensors), so it over-counts: llama.cpp's
-              own "compute buffer size" was 8.03 MiB (tiny, n_ctx 512), 43.03 MiB (tiny, 4096) and
-              305.5 MiB (Qwen2.5-0.5B shapes, 2048) where the LLM terms give 14.7, 49.7 and 424.8 MiB.
-    runtime   RUNTIME_OVERHEAD: interpreter, libraries, contexts, threads (measured 62 MiB, counted 128).
-
-    Checked end to end: mote-run's peak RSS was 71 MiB for the tiny model (planned 155 MiB at n_ctx 512)
-    and 3.12 GiB for a Qwen2.5-0.5B-shaped MoTE pair with zero weights (2.46 GiB of tensors, 449 MiB of
-    them Q4_0 and repacked; planned 3.71 GiB at n_ctx 2048)."""
-    n_kv = -(-n_ctx // 256) * 256
-    kv = 2 * layers * n_kv * kv_heads * head_dim * kv_bytes_per_value
-    u = min(n_ctx, 512)
-    compute = 4 * u * (n_kv * (heads + 1) + vocab + 6 * hidden + 3 * ffn_active) + 4 * vocab
-    if vision:
-        n = (vision["image_size"] // vision["patch_size"]) ** 2
-        compute += 4 * n * (2 * n * vision["heads"] + 8 * vision["width"] + 2 * vision["ffn"] + 2 * hidden)
-    compute = int(compute * COMPUTE_MARGIN)
-    weights = weights_bytes + repack_bytes
-    total = weights + kv + compute + RUNTIME_OVERHEAD
-    return {"n_ctx": n_ctx, "weights_bytes": weights, "file_tensor_bytes": weights_bytes, "repack_bytes": repack_bytes,
-            "kv_cache_bytes": kv, "compute_bytes": compute, "runtime_bytes": RUNTIME_OVERHEAD, "total_bytes": total}
-
-
-def plan_resident(plan: Plan, n_ctx: int) -> dict:
-    """resident_estimate of a plan (mote-plan), with the shapes of its config."""
-    t = plan.cfg["text_config"]
-    hidden, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
-    ffn = int(t["intermediate_size"])
-    ffn_active = ffn if plan.variant == "dense" else (1 + plan.top_k) * ffn  # MoE-LLaVA's 32-wide zero shared counted as ffn
-    repack = _plan_repack_bytes(plan)
-    v = plan.cfg["vision_config"]
-    vision = dict(image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), heads=int(v["num_attention_heads"]),
-                  width=int(v["hidden_size"]), ffn=int(v["intermediate_size"])) if plan.mmproj else None
-    return resident_estimate(weights_bytes=plan.total_bytes, repack_bytes=repack, layers=int(t["num_hidden_layers"]),
-                             heads=heads, kv_heads=int(t.get("num_key_value_heads") or heads), head_dim=hidden // heads,
-                             hidden=hidden, ffn_active=ffn_active, vocab=int(t["vocab_size"]), n_ctx=n_ctx,
-                             vision=vision)
-
-
-def _plan_repack_bytes(plan: Plan) -> int:
-    _, planned = _tensors(plan.cfg, plan.source, {g: plan.types.get(g) for g in SEARCH_GROUPS})
-    return sum(p.nbytes for p in planned if p.qtype in REPACKABLE and p.name not in _NOT_REPACKED)
-
-
-def gguf_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None,
-                  system_info: str | None = None) -> dict:
-    """resident_estimate of exported files, from their GGUF headers only (nothing is loaded). n_ctx None:
-    what mote-run's load() chooses, the trained context capped at 2048. system_info: the llama.cpp
-    build's CPU flags, which decide what is repacked (repackable_types)."""
-    h = read_gguf_header(model_path)
-
-    def key(name, default=None):
-        v = h.arch_key(name, default)
-        if v is None:
-            raise MoteExportError(f"{model_path}: no {h.fields.get('general.architecture')}.{name}; "
-                                  "not a llama.cpp model file")
-        return int(v)
-
-    if n_ctx is None:
-        from .llama_run import default_n_ctx
-
-        n_ctx = default_n_ctx(h)
-    weights = sum(t.nbytes for t in h.tensors)
-    repacked = repackable_types(system_info)
-    repack = sum(t.nbytes for t in h.tensors if t.qtype in repacked and t.name not in _NOT_REPACKED)
-    vocab = next((t.dims[1] for t in h.tensors if t.name == "token_embd.weight"), 0)
-    hidden, heads = key("embedding_length"), key("attention.head_count")
-    ffn = key("feed_forward_length", 0)
-    if h.arch_key("expert_count"):
-        ffn = key("expert_shared_feed_forward_length", 0) + key("expert_used_count") * key("expert_feed_forward_length")
-    vision = None
-    if mmproj_path is not None:
-        m = read_gguf_header(mmproj_path)
-        mf = m.fields
-        weights += sum(t.nbytes for t in m.tensors)
-        try:
-            vision = dict(image_size=int(mf["clip.vision.image_size"]), patch_size=int(mf["clip.vision.patch_size"]),
-                          heads=int(mf["clip.vision.attention.head_count"]),
-                          width=int(mf["clip.vision.embedding_length"]), ffn=int(mf["clip.vision.feed_forward_length"]))
-        except KeyError as exc:
-            raise MoteExportError(f"{mmproj_path}: no {exc.args[0]}; not an mmproj file") from None
-    return resident_estimate(weights_bytes=weights, repack_bytes=repack, layers=key("block_count"), heads=heads,
-                             kv_heads=key("attention.head_count_kv", heads), head_dim=hidden // heads, hidden=hidden,
-                             ffn_active=ffn, vocab=vocab, n_ctx=n_ctx, vision=vision)
-
-
-def format_resident(e: dict) -> str:
-    return (f"{human(e['total_bytes'])} = weights {human(e['weights_bytes'])}"
-            + (f" (incl. {human(e['repack_bytes'])} repacked copy)" if e["repack_bytes"] else "")
-            + f" + KV cache {human(e['kv_cache_bytes'])} (n_ctx {e['n_ctx']}, f16) + compute {human(e['compute_bytes'])}"
-            f" + runtime {human(e['runtime_bytes'])}")
-
-
 # ---- the paper's figures ----------------------------------------------------------------------------------
 
 # (preset, variant, nominal bits of the shared expert (MoTE) or of the experts (MoE-LLaVA)) -> the paper's
@@ -707,7 +546,8 @@ def format_paper_reproduction(rows: list[dict]) -> str:
 # ---- output -----------------------------------------------------------------------------------------------
 
 
-def plan_json(plan: Plan, preset: str | None = None, n_ctx: int | None = 2048) -> dict:
+def plan_json(plan: Plan, preset: str | None = None, resident: dict | None = None) -> dict:
+    """The plan as JSON; `resident`: an engine's resident-memory estimate to include (mote-plan's)."""
     groups = {g: {"label": r.group, "type": r.type, "written": dict(r.written), "tensors": r.tensors,
                   "params": r.params, "bytes": r.bytes, "bpw": r.bpw, "paper_bytes": round(r.paper_bytes)}
               for g, r in plan.rows.items()}
@@ -727,14 +567,15 @@ def plan_json(plan: Plan, preset: str | None = None, n_ctx: int | None = 2048) -
         out["paper_figure"] = {"gb": fig, "paper_convention_diff_pct": 100 * (plan.paper_expert_bytes / GIB / fig - 1),
                                "real_diff_pct": 100 * (plan.expert_memory_bytes / GIB / fig - 1),
                                "why": why_different(plan)}
-    if n_ctx:
-        out["resident"] = plan_resident(plan, n_ctx)
+    if resident:
+        out["resident"] = resident
     if plan.search:
         out["budget"] = plan.search
     return out
 
 
-def format_plan(plan: Plan, preset: str | None = None, n_ctx: int | None = 2048) -> str:
+def format_plan(plan: Plan, preset: str | None = None, resident_line: str | None = None) -> str:
+    """The plan as a table; `resident_line`: an engine's resident-memory estimate, printed last."""
     head = f"plan: {plan.source}, {plan.variant}"
     if plan.variant != "dense":
         head += f", {plan.experts} experts top-{plan.top_k}, MoE layers {len(plan.moe_layers)}/{plan.layers}"
@@ -766,18 +607,18 @@ def format_plan(plan: Plan, preset: str | None = None, n_ctx: int | None = 2048)
         p, r = plan.paper_expert_bytes / GIB, plan.expert_memory_bytes / GIB
         lines.append(f"  paper: {fig} GB (= GiB) expert memory; paper convention {p:.3f} GiB ({100 * (p / fig - 1):+.1f}%), "
                      f"real GGUF {r:.3f} GiB ({100 * (r / fig - 1):+.1f}%: {why_different(plan)})")
-    if n_ctx:
-        lines.append(f"  resident at n_ctx {n_ctx} (mote-run --memory-limit estimate): {format_resident(plan_resident(plan, n_ctx))}")
+    if resident_line:
+        lines.append(f"  {resident_line}")
     lines.append("  units: GiB = 2^30 bytes (the paper's GB), MiB = 2^20; paper columns = 2 bits per ternary weight, "
                  "16/8/4 bits per weight of the type asked for, no block scales")
     return "\n".join(lines)
 
 
-# ---- mote-plan ----------------------------------------------------------------------------------------------
+# ---- mote-plan's arguments (the command itself is runtime_cpu.plan_cli: it adds the engine's resident
+# estimate, which the engine owns) -------------------------------------------------------------------------
 
 
-@cli_entry
-def main(argv=None):
+def plan_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mote-plan", description="Memory plan of a MoTE / MoE-LLaVA GGUF export from a "
                                 "config alone (no weights): bytes per tensor group in the real GGUF types and in "
                                 "the paper's convention. Sizes: GB = GiB = 2^30 bytes, as the MoTE paper's.")
@@ -800,11 +641,13 @@ def main(argv=None):
     p.add_argument("--n-ctx", type=int, default=2048, help="context for the resident-memory estimate (default 2048; 0: none)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--paper", action="store_true", help="also recompute every expert-memory figure of the paper")
-    a = p.parse_args(argv)
+    return p
+
+
+def plan_from_args(a) -> tuple[Plan | None, str | None, list[dict] | None]:
+    """(plan, preset, the paper's figures recomputed) for mote-plan's parsed arguments."""
     if a.config and a.preset:
         raise MoteExportError("give a config (or checkpoint folder) or --preset, not both")
-    if a.n_ctx < 0:
-        raise MoteExportError("--n-ctx must be >= 0")
     plan, preset = None, None
     if a.config or a.preset:
         preset = a.preset.lower() if a.preset else None
@@ -832,17 +675,7 @@ def main(argv=None):
             plan = make_plan(cfg, where, types, a.mmproj_type, not a.no_mmproj)
     elif not a.paper:
         raise MoteExportError("give a config.json, a checkpoint folder or --preset (or --paper)")
-    repro = paper_reproduction() if a.paper else None
-    if a.json:
-        out = plan_json(plan, preset, a.n_ctx) if plan else {}
-        if repro is not None:
-            out["paper_reproduction"] = repro
-        print(json.dumps(out, indent=1))
-        return
-    if plan:
-        print(format_plan(plan, preset, a.n_ctx))
-    if repro is not None:
-        print(format_paper_reproduction(repro))
+    return plan, preset, paper_reproduction() if a.paper else None
 
 
 # ---- mote-export --memory-budget ----------------------------------------------------------------------------
@@ -872,7 +705,7 @@ def export_budget_types(ckpt: str | Path, out: str | Path, a) -> dict:
         _check_layers(w, c)
         plan = budget_search(cfg, budget, a.budget_scope or "model", fixed, str(ckpt), a.mmproj_type,
                              not a.no_mmproj, weights=w, k_quants=k_quants)
-    print(format_plan(plan, n_ctx=None))
+    print(format_plan(plan))
     t = plan.types
     return dict(ternary_type=t.get("routed") if c.variant == "mote" else None,
                 expert_type=t.get("routed") if c.variant == "moe-llava" else None,

@@ -30,10 +30,11 @@ def run_gguf(ckpt: Path, data: Path, limit: int | None, torch_answers: list[str]
              out_dir: Path) -> None:
     """Export with the torch-free exporter and answer through llama-cpp-python."""
     try:
-        from .exporters.cli import mmproj_path
+        from .exporters.gguf_file import mmproj_path
         from .exporters.gguf_llm import format_summary, write_llm_gguf
         from .exporters.gguf_mmproj import write_mmproj
-        from .exporters.llama_run import decode_tokens_per_s, evaluate_gguf, load, peak_rss_mib
+        from .runtime_cpu.llama_engine import decode_tokens_per_s, evaluate_gguf, load
+        from .runtime_cpu.memory import peak_rss_mib
     except ImportError as exc:
         raise MoteError(f"{exc.name} is not installed; pip install 'mote-edge[gguf]' (or pass --no-gguf)") from None
     gguf = out_dir / f"{ckpt.name}.gguf"

@@ -10,8 +10,8 @@ from safetensors import safe_open
 
 from mote_edge.checkpoint import load_model, save_model
 from mote_edge.config import MoTEConfig
-from mote_edge.exporters import bench
-from mote_edge.exporters.random_ckpt import Preset, moe_settings, preset, tensor_specs, write_checkpoint
+from mote_edge.benchmarks import bench
+from mote_edge.benchmarks.random_ckpt import Preset, moe_settings, preset, tensor_specs, write_checkpoint
 from mote_edge.model import apply_mote_
 from mote_edge.tiny import dense_config
 
@@ -102,7 +102,7 @@ def test_mmproj_for_an_image_not_a_multiple_of_the_patch(tmp_path):
     """SigLIP so400m: 384 px / 14 = 27 patches a side, the rest cropped. llama.cpp's embeddings match
     transformers' for such a tower (here 40 px / 16)."""
     pytest.importorskip("llama_cpp")
-    from mote_edge.exporters.llama_run import image_embeddings, load
+    from mote_edge.runtime_cpu.llama_engine import image_embeddings, load
 
     from .test_mmproj_run import _export, _torch_image_features
 
@@ -214,7 +214,7 @@ def test_plot_labels_of_coinciding_points_do_not_overlap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mote_edge.exporters.bench_report import _label_offsets
+    from mote_edge.benchmarks.bench_report import _label_offsets
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.set_xlim(0, 10)

@@ -17,7 +17,7 @@ from gguf.quants import dequantize
 from mote_edge.checkpoint import save_model
 from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_mmproj import feature_layers, image_normalization, write_mmproj
-from mote_edge.exporters.llama_run import normalize_answer
+from mote_edge.runtime_cpu.llama_engine import normalize_answer
 from mote_edge.exporters.safetensors_np import SafetensorsFile
 from mote_edge.tiny import ASSETS
 from mote_edge.tokenizer import normalize_answer as torch_side_normalize
@@ -215,7 +215,7 @@ def test_normalize_answer_matches_torch_side():
 
 
 def test_exporters_never_import_torch():
-    code = ("import sys; import mote_edge.exporters.gguf_mmproj, mote_edge.exporters.llama_run; "
+    code = ("import sys; import mote_edge.exporters.gguf_mmproj, mote_edge.runtime_cpu.llama_engine; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('transformers')]; "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -258,7 +258,7 @@ def _torch_image_features(ckpt: Path, image: Path) -> np.ndarray:
 @pytest.mark.parametrize("ckpt_name", ["dense_ckpt", "square_ffn_ckpt", "multilayer_ckpt"])
 def test_image_embeddings_match_transformers(ckpt_name, request, tmp_path, data_dir):
     pytest.importorskip("llama_cpp")
-    from mote_edge.exporters.llama_run import image_embeddings, load
+    from mote_edge.runtime_cpu.llama_engine import image_embeddings, load
 
     ckpt = request.getfixturevalue(ckpt_name)
     model = _export(ckpt, tmp_path / "m.gguf")
@@ -283,7 +283,7 @@ def test_gguf_answers_agree_with_pytorch_on_tiny_test_set(tmp_path):
     from mote_edge.checkpoint import load_model
     from mote_edge.data import load_records
     from mote_edge.evaluate import accuracy, generate_answers
-    from mote_edge.exporters.llama_run import evaluate_gguf
+    from mote_edge.runtime_cpu.llama_engine import evaluate_gguf
 
     data = ASSETS / "data"
     model = _export(TINY, tmp_path / "tiny.gguf")

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
-from mote_edge.exporters import cli, llama_run
+from mote_edge.exporters import cli
 from mote_edge.exporters import plan as P
+from mote_edge.runtime_cpu import llama_engine, llama_memory as M, run, plan_cli
 from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_header import read_gguf_header
 from mote_edge.exporters.gguf_llm import write_llm_gguf
@@ -337,7 +338,7 @@ def test_export_impossible_budget_exit_2_nothing_written(args, message, tmp_path
 
 
 def test_mote_plan_json_for_presets(capsys):
-    P.main(["--preset", "qwen2.5-3b", "--experts", "4", "--shared-type", "bf16", "--json"])
+    plan_cli.main(["--preset", "qwen2.5-3b", "--experts", "4", "--shared-type", "bf16", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["expert_memory_bytes"] == out["groups"]["routed"]["bytes"] + out["groups"]["shared"]["bytes"]
     assert out["total_bytes"] == sum(g["bytes"] for g in out["groups"].values())
@@ -345,18 +346,18 @@ def test_mote_plan_json_for_presets(capsys):
     assert out["paper_convention"]["expert_memory_gib"] == pytest.approx(6.8, rel=0.05)
     assert out["paper_figure"]["gb"] == 6.8 and abs(out["paper_figure"]["paper_convention_diff_pct"]) < 5
     assert out["resident"]["total_bytes"] > out["total_bytes"]
-    P.main(["--preset", "qwen2.5-0.5b", "--variant", "moe-llava", "--json", "--n-ctx", "0"])
+    plan_cli.main(["--preset", "qwen2.5-0.5b", "--variant", "moe-llava", "--json", "--n-ctx", "0"])
     out = json.loads(capsys.readouterr().out)
     assert out["top_k"] == 2 and out["expert_memory_bytes"] / GIB == pytest.approx(2.3, rel=0.05)
 
 
 def test_mote_plan_table_config_and_checkpoint_folder(capsys):
-    P.main([str(TINY.parent / "dense" / "config.json"), "--experts", "4"])
+    plan_cli.main([str(TINY.parent / "dense" / "config.json"), "--experts", "4"])
     table = capsys.readouterr().out
     assert "mote, 4 experts top-1" in table and "routed experts" in table and "paper MiB" in table
-    P.main([str(TINY), "--memory-budget", "5MiB", "--n-ctx", "0"])
+    plan_cli.main([str(TINY), "--memory-budget", "5MiB", "--n-ctx", "0"])
     assert "budget 5.00 MiB" in capsys.readouterr().out
-    P.main(["--paper"])
+    plan_cli.main(["--paper"])
     assert capsys.readouterr().out.count("qwen2.5-") == 10
 
 
@@ -372,7 +373,7 @@ def test_mote_plan_table_config_and_checkpoint_folder(capsys):
 ])
 def test_mote_plan_bad_input(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        P.main(args)
+        plan_cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and message in err[0], err
 
@@ -383,7 +384,7 @@ def test_mote_plan_console_script_without_torch():
             "    def find_spec(self, name, path, target=None):\n"
             "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "from mote_edge.exporters.plan import main\n"
+            "from mote_edge.runtime_cpu.plan_cli import main\n"
             "main(['--preset', 'qwen2.5-1.5b', '--shared-type', 'q8_0', '--json'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -423,13 +424,13 @@ def test_header_reader_agrees_with_gguf_reader(tiny_gguf):
 
 
 def test_resident_estimate_terms(tiny_gguf):
-    e = P.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"))
+    e = M.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"))
     assert e["n_ctx"] == 512  # the trained context (512) capped at 2048, as mote-run's load() picks
     assert e["kv_cache_bytes"] == 2 * 4 * 512 * 2 * 64 * 2  # 2 x layers x n_ctx x kv_heads x head_dim x f16
     files = [tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf")]
     assert e["file_tensor_bytes"] == sum(int(t.n_bytes) for f in files for t in GGUFReader(f).tensors)
     assert e["total_bytes"] == e["weights_bytes"] + e["kv_cache_bytes"] + e["compute_bytes"] + e["runtime_bytes"]
-    longer = P.gguf_resident(tiny_gguf, None, 4096)
+    longer = M.gguf_resident(tiny_gguf, None, 4096)
     assert longer["kv_cache_bytes"] == 8 * e["kv_cache_bytes"] and longer["compute_bytes"] > e["compute_bytes"]
 
 
@@ -438,10 +439,10 @@ ARM = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | MATMUL_INT8 = 
 
 
 def test_repacked_types_follow_the_cpu_flags():
-    assert P.repackable_types(X86_AVX2) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}
-    assert P.repackable_types(X86_AVX2.replace("AVX512 = 0", "AVX512 = 1")) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4, T.Q2_K}
-    assert P.repackable_types(X86_AVX2.replace("AVX2 = 1", "AVX2 = 0")) == set()
-    assert P.repackable_types(ARM) == P.repackable_types(None) == P.REPACKABLE  # not x86: every type that may be
+    assert M.repackable_types(X86_AVX2) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}
+    assert M.repackable_types(X86_AVX2.replace("AVX512 = 0", "AVX512 = 1")) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4, T.Q2_K}
+    assert M.repackable_types(X86_AVX2.replace("AVX2 = 1", "AVX2 = 0")) == set()
+    assert M.repackable_types(ARM) == M.repackable_types(None) == M.REPACKABLE  # not x86: every type that may be
 
 
 def test_resident_repack_term_counts_matmul_weights_of_repacked_types(tmp_path):
@@ -453,7 +454,7 @@ def test_resident_repack_term_counts_matmul_weights_of_repacked_types(tmp_path):
     q4 = sum(t.nbytes for t in tensors if t.qtype == T.Q4_0 and t.name != "token_embd.weight")
     q8 = sum(t.nbytes for t in tensors if t.qtype == T.Q8_0)
     assert q4 > 0 and q8 > 0 and any(t.name == "token_embd.weight" and t.qtype == T.Q4_0 for t in tensors)
-    x86, arm = P.gguf_resident(out, proj, system_info=X86_AVX2), P.gguf_resident(out, proj, system_info=ARM)
+    x86, arm = M.gguf_resident(out, proj, system_info=X86_AVX2), M.gguf_resident(out, proj, system_info=ARM)
     assert x86["repack_bytes"] == q4  # token_embd is read by GET_ROWS, never repacked; Q8_0 is not on x86
     assert arm["repack_bytes"] == q4 + q8
     assert arm["total_bytes"] - x86["total_bytes"] == q8
@@ -462,15 +463,15 @@ def test_resident_repack_term_counts_matmul_weights_of_repacked_types(tmp_path):
 def test_memory_limit_refuses_before_loading(tiny_gguf, monkeypatch, capsys):
     def no_load(*a, **k):
         raise AssertionError("load() must not run")
-    monkeypatch.setattr(llama_run, "load", no_load)
+    monkeypatch.setattr(llama_engine, "load", no_load)
     image = next((ASSETS / "data" / "images").iterdir())
     with pytest.raises(SystemExit) as exc:
-        llama_run.main([str(tiny_gguf), "--image", str(image), "--prompt", "q", "--memory-limit", "64MiB"])
+        run.main([str(tiny_gguf), "--image", str(image), "--prompt", "q", "--memory-limit", "64MiB"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("error: planned resident memory") and "exceeds --memory-limit 64.00 MiB" in err[0]
     with pytest.raises(SystemExit) as exc:
-        llama_run.main([str(tiny_gguf), "--image", str(image), "--prompt", "q", "--memory-limit", "1.5 bananas"])
+        run.main([str(tiny_gguf), "--image", str(image), "--prompt", "q", "--memory-limit", "1.5 bananas"])
     assert exc.value.code == 2 and "is not a size" in capsys.readouterr().err
 
 
@@ -488,7 +489,7 @@ def test_peak_rss_stays_under_the_accepted_limit(tiny_gguf):
     rec = json.loads((ASSETS / "data" / "test.json").read_text())[0]
     import llama_cpp
 
-    planned = P.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"),
+    planned = M.gguf_resident(tiny_gguf, tiny_gguf.with_name("tiny-mmproj.gguf"),
                               system_info=llama_cpp.llama_print_system_info().decode())["total_bytes"]
     run = [str(BIN / "mote-run"), str(tiny_gguf), "--image", str(ASSETS / "data" / "images" / rec["image"]),
            "--prompt", rec["conversations"][0]["value"].removeprefix("<image>\n"), "--threads", "2", "--max-tokens", "4"]

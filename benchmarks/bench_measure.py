@@ -1,7 +1,7 @@
 """What mote-bench measures: one model in its own process, the machine's memory bandwidth, the
 machine itself, and the bytes a GGUF file holds and reads per decoded token. No torch.
 
-The model child (`python -m mote_edge.exporters.bench_measure ARGS.json OUT.json`) loads a GGUF +
+The model child (`python -m mote_edge.benchmarks.bench_measure ARGS.json OUT.json`) loads a GGUF +
 mmproj through llama-cpp-python exactly as mote-run does, warms up (`_warm_up`), and times, per
 round: one image question through the chat handler (time to first token = vision encode + prefill
 + first sample), with the vision encode and the image-embedding decode timed inside it, then
@@ -59,7 +59,7 @@ def gguf_costs(path: str | Path) -> dict:
     or MoE-LLaVA's zero "padding" shared expert) and the output head, top_k / n_expert of every
     routed-expert tensor, and one embedding row. A qwen2 file with tied embeddings has no `output`
     tensor: the head is token_embd itself."""
-    from .gguf_header import read_gguf_header
+    from ..exporters.gguf_header import read_gguf_header
 
     path = Path(path)
     h = read_gguf_header(path)
@@ -173,7 +173,7 @@ def _proc_status() -> dict:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         return {k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if k in fields}
     except OSError:
-        from .llama_run import peak_rss_mib
+        from ..runtime_cpu.memory import peak_rss_mib
 
         return {"VmHWM": int(peak_rss_mib() * MIB)}
 
@@ -215,7 +215,7 @@ def _argmax_logits(llm) -> int:
 def _round(llm, messages, timer: _TimedMtmd, n_gen: int, seed: int) -> dict:
     """One image question: time to first token (with its encode / image-decode split), then n_gen
     greedy decode steps continuing the same sequence (the KV cache holds the image)."""
-    from .llama_run import GREEDY
+    from ..runtime_cpu.llama_engine import GREEDY
 
     timer.encode_s = timer.image_decode_s = 0.0
     timer.image_tokens = 0
@@ -239,7 +239,7 @@ def _warm_up(llm, image: str, n_prefill: int = 64, n_decode: int = 4) -> None:
     """Every weight and code path once, untimed, at a fraction of a round's cost: one vision encode
     (mtmd's context, the tower), a batched text prefill (64 tokens reach practically every routed
     expert of every layer, so the whole model is paged in) and a few single-token decode steps."""
-    from .llama_run import image_embeddings
+    from ..runtime_cpu.llama_engine import image_embeddings
 
     image_embeddings(llm, image)
     ids = llm.tokenize(b" the picture shows" * n_prefill, add_bos=False)[:n_prefill]
@@ -252,7 +252,7 @@ def _warm_up(llm, image: str, n_prefill: int = 64, n_decode: int = 4) -> None:
 def measure_model(a: dict) -> dict:
     """(child) Load, run a.warmup untimed warm-up passes and a.repeats timed rounds; peak RSS after
     load and at the end."""
-    from .llama_run import load, messages_for
+    from ..runtime_cpu.llama_engine import load, messages_for
 
     load_average_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()

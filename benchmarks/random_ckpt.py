@@ -26,7 +26,7 @@ import numpy as np
 
 import mote_edge  # its __init__ is empty: no torch; only used to find the embedded tiny checkpoint
 
-from .errors import MoteExportError
+from ..exporters.errors import MoteExportError
 
 TINY_CKPT = Path(mote_edge.__file__).parent / "assets" / "tiny" / "mote"
 VARIANTS = ("dense", "mote", "moe-llava")

@@ -1,22 +1,15 @@
-"""mote-run: answer a question about an image with an exported GGUF model on a laptop CPU, through
-llama-cpp-python's multimodal (mtmd) chat handler. No torch.
+"""The llama.cpp engine of mote-run (`--engine llama.cpp`): exported GGUF files (LLM + mmproj) run
+through llama-cpp-python's multimodal (mtmd) chat handler on the CPU. No torch.
 
-    mote-run model.gguf --image cat.png --prompt "What colour is the square?"
-             [--mmproj PATH (default <stem>-mmproj.gguf)] [--threads N] [--n-ctx N]
-             [--max-tokens N] [--temperature T (0 = greedy, the default)] [--seed S]
-             [--memory-limit SIZE (refuse, before loading, a run planned to need more)]
-
-The answer streams to stdout; time to first token, decode speed and peak RSS go to stderr.
-Library: `load`, `answer`, `image_embeddings`, `evaluate_gguf` (held-out LLaVA records).
+Library: `load`, `answer`, `image_embeddings`, `evaluate_gguf` (held-out LLaVA records), and the
+engine interface the mote-run front uses (`Engine`, `plan_memory`, `format_memory`).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import ctypes
 import io
 import json
-import resource
 import string
 import sys
 import time
@@ -25,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MoteExportError, cli_entry
+from ..exporters.errors import MoteExportError
+from ..exporters.gguf_file import mmproj_path
+from ..exporters.gguf_header import read_gguf_header
+from .llama_memory import default_n_ctx, format_resident, gguf_resident
 
 IMAGE_PLACEHOLDER = "<image>"  # what LLaVA chat templates (ours included) emit for an image part
 # Greedy decoding exactly as transformers' generate(do_sample=False): llama-cpp-python's chat
@@ -84,27 +80,11 @@ def _handler_class():
 def mmproj_image_size(path: str | Path) -> int:
     """clip.vision.image_size of an mmproj file: images are resized to it here, exactly as the
     HF SigLIP processor does, so llama.cpp's own (letterboxing) resize never runs."""
-    from .gguf_header import read_gguf_header
-
     size = read_gguf_header(path).fields.get("clip.vision.image_size")
     if size is None:
         raise MoteExportError(f"{path} is not an mmproj file (no clip.vision.image_size); "
                               "expected the <stem>-mmproj.gguf written by mote-export")
     return int(size)
-
-
-def default_mmproj(model_path: str | Path) -> Path:
-    p = Path(model_path)
-    return p.with_name(f"{p.stem}-mmproj{p.suffix or '.gguf'}")
-
-
-MAX_DEFAULT_CTX = 2048  # a laptop-sized KV cache
-
-
-def default_n_ctx(header) -> int:
-    """The context mote-run uses without --n-ctx: the model's trained one (its GGUFHeader's
-    `<arch>.context_length`), at most MAX_DEFAULT_CTX. Shared by load(), --memory-limit and mote-bench."""
-    return min(MAX_DEFAULT_CTX, int(header.arch_key("context_length") or MAX_DEFAULT_CTX))
 
 
 def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
@@ -113,14 +93,12 @@ def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | 
 
     n_ctx defaults to default_n_ctx: the trained context, at most 2048."""
     llama_cpp, _ = _llama_cpp()
-    model, proj = Path(model_path), Path(mmproj) if mmproj else default_mmproj(model_path)
+    model, proj = Path(model_path), Path(mmproj) if mmproj else mmproj_path(model_path)
     for p, what in ((model, "model"), (proj, "mmproj")):
         if not p.is_file():
             hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if p is proj else ""
             raise MoteExportError(f"{what} file {str(p)!r} does not exist{hint}")
     if n_ctx is None:
-        from .gguf_header import read_gguf_header
-
         n_ctx = default_n_ctx(read_gguf_header(model))
     handler = _handler_class()(clip_model_path=str(proj))
     # mtmd logs every image and text chunk to stderr through its own logger; route it through
@@ -251,78 +229,32 @@ def decode_tokens_per_s(llm, n_tokens: int = 64, prompt: str = "How many shapes 
     return n_tokens / (time.perf_counter() - t0)
 
 
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+# ---- the engine interface of the mote-run front --------------------------------------------------------------
+
+NAME = "llama.cpp"
 
 
-@cli_entry
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-run", description="Answer a question about an image with an exported "
-                                "GGUF model (llama-cpp-python, CPU).")
-    p.add_argument("model", help="the LLM file written by mote-export, e.g. model.gguf")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True, help="the question")
-    p.add_argument("--mmproj", default=None, help="vision projector (default: <stem>-mmproj.gguf beside the model)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
-    p.add_argument("--n-ctx", type=int, default=None, help="context length (default: trained, at most 2048)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
-    p.add_argument("--memory-limit", default=None, metavar="SIZE",
-                   help="refuse, before loading anything, a run whose planned resident memory (GGUF tensor bytes "
-                        "of both files + f16 KV cache for n_ctx + a conservative compute/runtime estimate; see "
-                        "mote_edge.exporters.plan.resident_estimate) exceeds SIZE: e.g. 3.4GB, 900MiB, 2GiB, 512M, "
-                        "where GB = G = GiB = 2^30 bytes (as the MoTE paper's GB)")
-    a = p.parse_args(argv)
-    for name in ("threads", "n_ctx", "max_tokens"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise MoteExportError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.temperature < 0:
-        raise MoteExportError("--temperature must be >= 0 (0 = greedy)")
-    if not Path(a.image).is_file():
-        raise MoteExportError(f"image {a.image!r} does not exist")
-    n_ctx = a.n_ctx
-    if a.memory_limit is not None:
-        from .plan import format_resident, gguf_resident, human, parse_size
+def plan_memory(model: Path, mmproj: Path, n_ctx: int | None) -> dict:
+    """Planned resident memory of this engine for these files (llama_memory.gguf_resident), with the CPU
+    flags of the installed llama.cpp build deciding what it repacks."""
+    llama_cpp, _ = _llama_cpp()
+    return gguf_resident(model, mmproj, n_ctx, llama_cpp.llama_print_system_info().decode())
 
-        limit = parse_size(a.memory_limit, "--memory-limit")
-        model, proj = Path(a.model), Path(a.mmproj) if a.mmproj else default_mmproj(a.model)
-        for path, what in ((model, "model"), (proj, "mmproj")):
-            if not path.is_file():
-                raise MoteExportError(f"{what} file {str(path)!r} does not exist")
-        llama_cpp, _ = _llama_cpp()
-        # n_ctx None: what load() chooses (trained, at most 2048); the CPU flags decide what llama.cpp repacks
-        plan = gguf_resident(model, proj, n_ctx, llama_cpp.llama_print_system_info().decode())
-        n_ctx = plan["n_ctx"]
-        if plan["total_bytes"] > limit:
-            raise MoteExportError(f"planned resident memory {format_resident(plan)} exceeds --memory-limit "
-                                  f"{human(limit)} ({limit} bytes); lower --n-ctx or export smaller types "
-                                  "(mote-export --memory-budget, mote-plan)")
-        print(f"planned resident memory: {plan['total_bytes']} bytes ({format_resident(plan)}), within "
-              f"--memory-limit {human(limit)}", file=sys.stderr)
-    llm = load(a.model, a.mmproj, n_ctx=n_ctx, n_threads=a.threads, seed=a.seed)
-    sampling = GREEDY | {"temperature": a.temperature}
-    t0 = time.perf_counter()
-    stream = llm.create_chat_completion(messages=messages_for(llm, a.image, a.prompt), max_tokens=a.max_tokens,
-                                        stream=True, seed=a.seed, **sampling)
-    times, finish = [], None
-    for chunk in stream:
-        choice = chunk["choices"][0]
-        if choice["delta"].get("content"):
-            times.append(time.perf_counter())
-            sys.stdout.write(choice["delta"]["content"])
-            sys.stdout.flush()
-        finish = choice.get("finish_reason") or finish
-    t_end = time.perf_counter()
-    sys.stdout.write("\n")
-    if not times:
-        print("no tokens generated", file=sys.stderr)
-    else:
-        # After the first token every token is evaluated once more to sample the next; a "stop"
-        # (end of turn) also evaluated the last one, a "length" stop did not.
-        steps = len(times) - (finish != "stop")
-        speed = f"{steps / (t_end - times[0]):.1f} tokens/s" if steps and t_end > times[0] else "n/a"
-        print(f"time to first token: {times[0] - t0:.3f} s (image encode + prompt)", file=sys.stderr)
-        print(f"decode: {speed} ({len(times)} tokens, {finish})", file=sys.stderr)
-    print(f"peak RSS: {peak_rss_mib():.0f} MiB", file=sys.stderr)
+
+format_memory = format_resident
+
+
+class Engine:
+    """One loaded model pair, answering questions about images, streamed."""
+
+    def __init__(self, model: Path, mmproj: Path, n_ctx: int | None = None, threads: int | None = None, seed: int = 0):
+        self.llm = load(model, mmproj, n_ctx=n_ctx, n_threads=threads, seed=seed)
+
+    def stream(self, image: Path, prompt: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0):
+        """Yields (text piece, finish reason or None); greedy at temperature 0. top_k 0 = all tokens."""
+        sampling = GREEDY | {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        for chunk in self.llm.create_chat_completion(messages=messages_for(self.llm, image, prompt),
+                                                     max_tokens=max_tokens, stream=True, seed=seed, **sampling):
+            choice = chunk["choices"][0]
+            yield choice["delta"].get("content") or "", choice.get("finish_reason")

@@ -66,7 +66,7 @@ def markdown(r: dict) -> str:
     if cached:
         lines.append(f"Note: {', '.join(cached)} read(s) less per token than the {l3 / MIB:.0f} MiB last-level "
                      "cache holds: the DRAM roofline does not bound them.")
-    lines += ["", "## Speed (llama.cpp, CPU)", "",
+    lines += ["", f"## Speed ({', '.join(s.get('engines', ['llama.cpp']))}, CPU)", "",
               "| model | vision encode s | time to first token s (image) | prefill tok/s | decode tok/s "
               "| roofline bound tok/s | decode / bound |", "|---|---|---|---|---|---|---|"]
     for m in r["models"]:

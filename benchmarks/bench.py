@@ -1,16 +1,18 @@
-"""mote-bench: MoTE against MoE-LLaVA and the dense model on this machine's CPU (llama.cpp), side by side.
+"""mote-bench: MoTE against MoE-LLaVA and the dense model on this machine's CPU, side by side, through
+one or more engines on the same files (`--engines`, llama.cpp today).
 
     mote-bench --preset tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-3b [--models LIST] [--out DIR]
     mote-bench MODEL.gguf [MODEL.gguf ...] [--mmproj PATH] [--out DIR]
         [--threads N] [--repeats N] [--warmup N] [--n-gen N] [--seed S] [--image PNG] [--prompt TEXT]
         [--cache DIR] [--jobs N] [--vision-layers N] [--other-type T] [--keep-checkpoints]
+        [--engines llama.cpp[,...]]
 
-With a preset, random-weight checkpoints of that shape are written (exporters.random_ckpt) and
+With a preset, random-weight checkpoints of that shape are written (benchmarks/random_ckpt.py) and
 exported with mote-export's own writer into one GGUF per model, cached in --cache and reused;
 each checkpoint is deleted once its GGUFs exist (they are cheap to rewrite and large). Every
-model is then measured in its own process (exporters.bench_measure), with the machine's memory
+model is then measured in its own process (benchmarks/bench_measure.py), with the machine's memory
 bandwidth measured in the same run for the roofline; results go to DIR/bench.json, DIR/bench.md
-and two PNG plots (exporters.bench_report).
+and two PNG plots (benchmarks/bench_report.py).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import MoteExportError, cli_entry
+from ..exporters.errors import MoteExportError, cli_entry
 
 GIB = 2 ** 30
 _MMPROJ_ROOM = 2 * GIB  # the projector (0.8 GB for SigLIP so400m) and headroom
@@ -117,7 +119,7 @@ def _job_ckpt(folder: str, preset_args: tuple, variant: str) -> dict:
 
 
 def _job_export(ckpt: str, out: str, spec: dict, other: str) -> dict:
-    from .gguf_llm import write_llm_gguf
+    from ..exporters.gguf_llm import write_llm_gguf
 
     t0 = time.perf_counter()
     s = write_llm_gguf(ckpt, out, ternary_type=spec["ternary"], shared_type=spec["shared"], other_type=other,
@@ -126,7 +128,7 @@ def _job_export(ckpt: str, out: str, spec: dict, other: str) -> dict:
 
 
 def _job_mmproj(ckpt: str, out: str) -> dict:
-    from .gguf_mmproj import write_mmproj
+    from ..exporters.gguf_mmproj import write_mmproj
 
     t0 = time.perf_counter()
     return write_mmproj(Path(ckpt), Path(out)) | {"seconds": time.perf_counter() - t0}
@@ -253,8 +255,8 @@ def stage_order(p, todo: list[ModelSpec]) -> list[str]:
 def estimate_gguf(p, spec: ModelSpec, other: str = "f16") -> int:
     """The LLM file's tensor bytes, with the exporter's own type choices (ternary -> Q4_0 and
     K-quant -> F16 fallbacks included), for the disk check."""
-    from .quantize import FLOAT_TYPES, fitting_type, nbytes
-    from .ternary import TERNARY_TYPES, ternary_gguf_type
+    from ..exporters.quantize import FLOAT_TYPES, fitting_type, nbytes
+    from ..exporters.ternary import TERNARY_TYPES, ternary_gguf_type
 
     t = p.text
     H, F, L = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
@@ -291,18 +293,33 @@ def _default_image() -> tuple[Path, str]:
     return data / "images" / record["image"], question.replace("<image>", "").strip()
 
 
-def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path) -> dict:
-    """One model in a child process of its own (its peak RSS is this model's alone)."""
-    args, out = tmp / f"{name}.args.json", tmp / f"{name}.out.json"
+# engine name (mote-run --engine) -> the module measuring one model with it, run as a child process:
+# `python -m MODULE ARGS.json OUT.json` (bench_measure's protocol)
+ENGINE_CHILDREN = {"llama.cpp": "mote_edge.benchmarks.bench_measure"}
+
+
+def parse_engines(text: str) -> list[str]:
+    engines = [e.strip().lower() for e in text.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINE_CHILDREN]
+    if bad or not engines:
+        raise MoteExportError(f"--engines {text!r}; accepted: a comma-separated list of {', '.join(ENGINE_CHILDREN)}")
+    return list(dict.fromkeys(engines))
+
+
+def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path,
+            engine: str = "llama.cpp") -> dict:
+    """One model with one engine in a child process of its own (its peak RSS is this model's alone)."""
+    tag = f"{name}.{engine}"
+    args, out = tmp / f"{tag}.args.json", tmp / f"{tag}.out.json"
     args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "threads": a.threads, "seed": a.seed,
                                 "image": str(image), "prompt": prompt, "n_gen": a.n_gen, "warmup": a.warmup,
                                 "repeats": a.repeats}))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mote_edge.exporters.bench_measure", str(args), str(out)],
+    r = subprocess.run([sys.executable, "-m", ENGINE_CHILDREN[engine], str(args), str(out)],
                        stderr=subprocess.PIPE, text=True, check=False)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MoteExportError(f"measuring {name} ({model}) failed: {last}")
+        raise MoteExportError(f"measuring {name} ({model}) with {engine} failed: {last}")
     return json.loads(out.read_text()) | {"wall_s": time.perf_counter() - t0}
 
 
@@ -327,14 +344,14 @@ def _check_args(a) -> None:
 
 
 def _gguf_inputs(a) -> list[tuple[str, Path, Path, None]]:
-    from .llama_run import default_mmproj
+    from ..exporters.gguf_file import mmproj_path
 
     if a.mmproj and len(a.gguf) > 1:
         raise MoteExportError("--mmproj names one projector; with several GGUF files, keep each "
                               "<stem>-mmproj.gguf beside its model")
     models, seen = [], set()
     for g in map(Path, a.gguf):
-        proj = Path(a.mmproj) if a.mmproj else default_mmproj(g)
+        proj = Path(a.mmproj) if a.mmproj else mmproj_path(g)
         for f, what in ((g, "model"), (proj, "mmproj")):
             if not f.is_file():
                 raise MoteExportError(f"{what} file {str(f)!r} does not exist"
@@ -369,10 +386,13 @@ def main(argv=None):
     p.add_argument("--vision-layers", type=int, help="truncate the preset's SigLIP tower to N layers (default: all)")
     p.add_argument("--other-type", default="f16", help="preset models' attention, embeddings and output (default f16)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints in --cache")
+    p.add_argument("--engines", default="llama.cpp", help=f"comma-separated engines measured on the same files, of: "
+                   f"{', '.join(ENGINE_CHILDREN)} (default llama.cpp)")
     a = p.parse_args(argv)
     _check_args(a)
+    engines = parse_engines(a.engines)
     t_start = time.perf_counter()
-    from .quantize import parse_type
+    from ..exporters.quantize import parse_type
     from .random_ckpt import preset as get_preset
 
     build_log, notes = [], []
@@ -405,15 +425,17 @@ def main(argv=None):
     bandwidth = [memory_bandwidth(a.threads)]
     results = []
     with tempfile.TemporaryDirectory(prefix="mote-bench-") as tmp:
-        for i, (name, path, proj, spec) in enumerate(models):
-            print(f"[measure {i + 1}/{len(models)}] {name} ...", file=sys.stderr)
-            m = measure(name, path, proj, a, image, prompt, Path(tmp))
-            results.append({"name": name, "path": str(path), "mmproj": str(proj),
+        runs = [(m, e) for m in models for e in engines]  # engines side by side, model by model
+        for i, ((name, path, proj, spec), engine) in enumerate(runs):
+            shown = name if len(engines) == 1 else f"{name} [{engine}]"
+            print(f"[measure {i + 1}/{len(runs)}] {shown} ...", file=sys.stderr)
+            m = measure(name, path, proj, a, image, prompt, Path(tmp), engine)
+            results.append({"name": shown, "model": name, "engine": engine, "path": str(path), "mmproj": str(proj),
                             "spec": asdict(spec) | {"label": spec.label} if spec else None} | costs[name] | m)
     bandwidth.append(memory_bandwidth(a.threads))  # again after: another job on the machine shows here
     report = {"command": ["mote-bench", *(sys.argv[1:] if argv is None else argv)], "machine": facts,
               "bandwidth": bandwidth, "preset": a.preset, "vision_layers": a.vision_layers, "notes": notes,
               "settings": {k: getattr(a, k) for k in ("threads", "repeats", "warmup", "n_gen", "seed", "other_type")}
-              | {"image": str(image), "prompt": prompt},
+              | {"image": str(image), "prompt": prompt, "engines": engines},
               "build": build_log, "models": results, "wall_s": time.perf_counter() - t_start}
     print(write_report(report, Path(a.out)))
