@@ -45,4 +45,4 @@ def evaluate():
 
 
 def demo():
-    return _run("mote-demo", "mote_edge.demo", "train", "llama")
+    return _run("mote-demo", "mote_edge.demo", "train")  # llama.cpp only for its GGUF part (--no-gguf skips it)

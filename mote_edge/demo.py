@@ -36,7 +36,7 @@ def run_gguf(ckpt: Path, data: Path, limit: int | None, torch_answers: list[str]
         from .runtime_cpu.llama_engine import decode_tokens_per_s, evaluate_gguf, load
         from .runtime_cpu.memory import peak_rss_mib
     except ImportError as exc:
-        raise MoteError(f"{exc.name} is not installed; pip install 'mote-edge[gguf]' (or pass --no-gguf)") from None
+        raise MoteError(f"{exc.name} is not installed; pip install 'mote-edge[llama]' (or pass --no-gguf)") from None
     gguf = out_dir / f"{ckpt.name}.gguf"
     summary = write_llm_gguf(ckpt, gguf, ternary_type=ternary_type, progress=False)
     write_mmproj(ckpt, mmproj_path(gguf))

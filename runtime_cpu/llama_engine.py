@@ -7,6 +7,7 @@ engine interface the mote-run front uses (`Engine`, `plan_memory`, `format_memor
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import io
 import json
@@ -21,7 +22,7 @@ import numpy as np
 from ..exporters.errors import MoteExportError
 from ..exporters.gguf_file import mmproj_path
 from ..exporters.gguf_header import read_gguf_header
-from .llama_memory import default_n_ctx, format_resident, gguf_resident
+from .llama_memory import amx_in_build, default_n_ctx, format_resident, gguf_resident
 
 IMAGE_PLACEHOLDER = "<image>"  # what LLaVA chat templates (ours included) emit for an image part
 # Greedy decoding exactly as transformers' generate(do_sample=False): llama-cpp-python's chat
@@ -40,8 +41,8 @@ def _llama_cpp():
         import llama_cpp
         from llama_cpp.llama_chat_format import MTMDChatHandler
     except ImportError:
-        raise MoteExportError("llama-cpp-python is not installed; pip install 'llama-cpp-python==0.3.36' "
-                              "(or mote-edge[gguf])") from None
+        raise MoteExportError("the llama.cpp engine needs llama-cpp-python, which this install lacks; "
+                              "pip install 'mote-edge[llama]'") from None
     return llama_cpp, MTMDChatHandler
 
 
@@ -109,10 +110,37 @@ def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | 
     mtmd_cpp.mtmd_log_set(llama_log_callback, None)
     mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
     try:
-        return llama_cpp.Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx,
-                               n_threads=n_threads, seed=seed, verbose=False)
+        with _no_extra_buffers_if_amx(llama_cpp):
+            return llama_cpp.Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx,
+                                   n_threads=n_threads, seed=seed, verbose=False)
     except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
         raise MoteExportError(f"llama.cpp could not load {model}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _no_extra_buffers_if_amx(llama_cpp):
+    """On a CPU with AMX (Intel Sapphire Rapids and later), llama-cpp-python's native build includes
+    ggml's AMX backend, which repacks Q4_0/Q4_K/Q8_0/... weights into its own buffer and then segfaults
+    in ggml_backend_amx_mul_mat on Q4_K (measured here on the tiny model; llama.cpp issue #20824, open).
+    There the model loads without extra buffer types (llama.cpp's --no-repack, `use_extra_bufts`):
+    weights are used as stored. llama-cpp-python does not expose the flag, so its default-params
+    function is wrapped for the one load. llama_memory.repackable_types counts no copy in that case."""
+    if not amx_in_build(llama_cpp.llama_print_system_info().decode()):
+        yield
+        return
+    lib = llama_cpp.llama_cpp
+    defaults = lib.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = defaults
 
 
 def image_data_uri(path: str | Path, size: int) -> str:

@@ -37,10 +37,19 @@ _X86_REPACK = {"AVX2": {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4}, "AVX512": {T.Q2_K}}
 _NOT_REPACKED = ("token_embd.weight",)
 
 
+def amx_in_build(system_info: str) -> bool:
+    """Whether this llama.cpp build runs its AMX backend; llama_engine then loads without extra
+    buffer types (it segfaults on Q4_K), so nothing is repacked."""
+    return dict(re.findall(r"(\w+) = (\d+)", system_info or "")).get("AMX_INT8") == "1"
+
+
 def repackable_types(system_info: str | None = None) -> set:
     """The types repacked on the CPU that `system_info` (llama_cpp.llama_print_system_info()) describes:
-    exact on x86 (by its AVX2 / AVX512 flags), REPACKABLE elsewhere or when unknown."""
+    exact on x86 (by its AVX2 / AVX512 flags; none where AMX is built in, see amx_in_build),
+    REPACKABLE elsewhere or when unknown."""
     flags = dict(re.findall(r"(\w+) = (\d+)", system_info or ""))
+    if amx_in_build(system_info or ""):
+        return set()
     if "AVX" not in flags and "SSE3" not in flags:  # not an x86 build (or no information): the union
         return set(REPACKABLE)
     return set().union(*(types for flag, types in _X86_REPACK.items() if flags.get(flag) == "1"))
