@@ -58,9 +58,9 @@ def run_measured(cmd: list, stdout: Path) -> dict:
 def decode_child(model: str, n: int, threads: int) -> None:
     """(child) Load the LLM file text-only and time n greedy tokens (EOS ignored), 5 times: the first
     pass pays the page faults of the freshly written, memory-mapped file; the median of the other four is warm."""
-    import llama_cpp
+    from mote_edge.runtime_cpu.llama_engine import llama
 
-    llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=threads, verbose=False)
+    llm = llama(model, n_ctx=256, n_threads=threads)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     speeds, ttft = [], []
     for _ in range(5):
@@ -104,12 +104,12 @@ def table(title: str, header: list, rows: list) -> None:
 
 
 def part_parity(threads: int) -> dict:
-    import llama_cpp, torch
+    import torch
     from transformers import AutoProcessor
     from mote_edge.checkpoint import load_model
     from mote_edge.data import load_records, to_messages
     from mote_edge.evaluate import accuracy, generate_answers
-    from mote_edge.runtime_cpu.llama_engine import evaluate_gguf, normalize_answer
+    from mote_edge.runtime_cpu.llama_engine import evaluate_gguf, llama, normalize_answer
 
     ckpt, data = TINY / "mote", TINY / "data"
     records, model, proc = load_records(data / "test.json"), load_model(ckpt), AutoProcessor.from_pretrained(str(ckpt))
@@ -127,8 +127,8 @@ def part_parity(threads: int) -> dict:
             got = evaluate_gguf(gguf, data / "test.json", data / "images", n_threads=threads, progress=True)
             r |= {"agree": 100 * np.mean([normalize_answer(a) == normalize_answer(b) for a, b in zip(ref, got["answers"])]),
                   "pytorch_acc": accuracy(records, ref)["overall"], "llama_acc": accuracy(records, got["answers"])["overall"]}
-            llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, type_k=0, type_v=0,  # f32 KV cache
-                                  n_threads=threads, verbose=False)
+            llm = llama(gguf, n_ctx=512, logits_all=True, type_k=0, type_v=0,  # f32 KV cache
+                        n_threads=threads)
             top1, dmax, dsum, n = 0, 0.0, 0.0, 0
             for i, want in zip(tqdm(ids, desc="llama.cpp logits"), ref_logits):
                 llm.reset()

@@ -109,12 +109,18 @@ def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | 
 
     mtmd_cpp.mtmd_log_set(llama_log_callback, None)
     mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
+    return llama(model, chat_handler=handler, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+
+
+def llama(model_path: str | Path, **kwargs):
+    """llama_cpp.Llama(model_path, verbose=False, **kwargs), loaded the way this engine always loads
+    (see _no_extra_buffers_if_amx): every direct use of llama-cpp-python goes through here."""
+    llama_cpp, _ = _llama_cpp()
     try:
         with _no_extra_buffers_if_amx(llama_cpp):
-            return llama_cpp.Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx,
-                                   n_threads=n_threads, seed=seed, verbose=False)
+            return llama_cpp.Llama(model_path=str(model_path), **({"verbose": False} | kwargs))
     except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise MoteExportError(f"llama.cpp could not load {model}: {exc}") from None
+        raise MoteExportError(f"llama.cpp could not load {model_path}: {exc}") from None
 
 
 @contextlib.contextmanager

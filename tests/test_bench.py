@@ -191,6 +191,8 @@ def test_mote_bench_tiny_preset(tiny_run):
                 "--repeats", "1", "--warmup", "0", "--n-gen", "4"])
     again = json.loads((out / "bench.json").read_text())
     assert again["build"] == [] and again["models"][0]["path"] == models["mote-tq2_0-bf16"]["path"]
+    assert r["settings"]["engines"] == ["llama.cpp"] and {m["engine"] for m in r["models"]} == {"llama.cpp"}
+    assert "## Speed (llama.cpp, CPU)" in md
 
 
 def test_mote_bench_measures_given_gguf_files(tiny_run, tmp_path):
@@ -211,6 +213,7 @@ def test_mote_bench_measures_given_gguf_files(tiny_run, tmp_path):
     (["--preset", "tiny", "--repeats", "0"], "--repeats must be at least 1"),
     (["--preset", "tiny", "--other-type", "tq2_0"], "--other-type tq2_0"),
     (["--preset", "tiny", "--vision-layers", "9"], "--vision-layers 9"),
+    (["--preset", "tiny", "--engines", "llama.cpp,tensorrt"], "--engines 'llama.cpp,tensorrt'; accepted: "),
 ])
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
