@@ -223,7 +223,7 @@ def build_preset(p, preset_args: tuple, specs: list[ModelSpec], cache: Path, oth
     folder = cache / (p.name if preset_args[1] is None else f"{p.name}-vision{vl}")
     paths = {s.name: folder / gguf_name(s, other) for s in specs}
     mmproj = folder / "mmproj.gguf"
-    todo = [s for s in specs if not paths[s.name].is_file()]
+    todo = [s for s in specs if not paths[s.name].is_file() or stale_routed_types(paths[s.name], s)]
     if not todo and mmproj.is_file():
         return paths, mmproj, []
     folder.mkdir(parents=True, exist_ok=True)
@@ -252,8 +252,25 @@ def stage_order(p, todo: list[ModelSpec]) -> list[str]:
     return order
 
 
+def stale_routed_types(path: Path, spec: ModelSpec) -> bool:
+    """Whether a cached MoTE file's routed experts are in other types than mote-export writes today (e.g.
+    the exact Q4_0 fallback older exporters wrote for 896-wide rows, now Q2_0), or the file is unreadable:
+    such a file is rebuilt rather than measured."""
+    if spec.variant != "mote":
+        return False
+    from ..exporters.gguf_header import read_gguf_header
+    from ..exporters.ternary import TERNARY_TYPES, ternary_gguf_type
+
+    try:
+        tensors = read_gguf_header(path).tensors
+    except MoteExportError:
+        return True
+    want = TERNARY_TYPES[spec.ternary]
+    return any(t.qtype != ternary_gguf_type(want, t.dims[0]) for t in tensors if t.name.endswith("_exps.weight"))
+
+
 def estimate_gguf(p, spec: ModelSpec, other: str = "f16") -> int:
-    """The LLM file's tensor bytes, with the exporter's own type choices (ternary -> Q4_0 and
+    """The LLM file's tensor bytes, with the exporter's own type choices (ternary -> Q2_0 / Q4_0 and
     K-quant -> F16 fallbacks included), for the disk check."""
     from ..exporters.quantize import FLOAT_TYPES, fitting_type, nbytes
     from ..exporters.ternary import TERNARY_TYPES, ternary_gguf_type

@@ -12,11 +12,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from .errors import MoteExportError
+from .ternary import QUANT_SIZES, ggml_type
 
 _FMT = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
         V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
@@ -98,8 +98,8 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             for _ in range(n_tensors):
                 name = string()
                 dims = tuple(read("Q") for _ in range(read("I")))
-                qtype = T(read("I"))
-                block, size = GGML_QUANT_SIZES[qtype]
+                qtype = ggml_type(read("I"))  # also Q2_0, which gguf-py 0.19 lacks
+                block, size = QUANT_SIZES[qtype]
                 tensors.append(TensorInfo(name, dims, qtype, math.prod(dims) // block * size, read("Q")))
             align = int(fields.get("general.alignment") or 32)
             data_start = -(-f.tell() // align) * align

@@ -3,6 +3,8 @@
 Mapping (numpy shapes; ggml's ne is the reverse), per decoder layer:
   router [E, H]                      -> ffn_gate_inp (F32: routing is sensitive and the tensor small)
   experts.e.{gate,up}_proj [F, H]    -> ffn_{gate,up}_exps [E, F, H]   ternary type (MoTE) / --expert-type
+                                        (ternary rows H wide: TQ2_0/TQ1_0 if H % 256 == 0, else Q2_0 if
+                                        H % 64 == 0, else Q4_0, else F16: all exact; ternary.py)
   experts.e.down_proj [H, F]         -> ffn_down_exps [E, H, F]
   shared_expert.{gate,up,down}_proj  -> ffn_{gate,up,down}_shexp, with down multiplied by 2
 qwen2moe scales the shared expert by sigmoid(ffn_gate_inp_shexp . x); MoTE has no such gate. The
@@ -28,15 +30,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFWriter, LlamaFileType
 
 from .ckpt import Weights, read_config
 from .gguf_file import check_output, gguf_writer, write_tensors
 from .errors import MoteExportError
 from .gguf_vocab import add_vocab
 from .quantize import fitting_type, nbytes, parse_type, quantize_tensor
-from .ternary import TERNARY_TYPES, pack_ternary, ternary_form, ternary_gguf_type
+from .ternary import Q2_0, QUANT_SIZES, TERNARY_TYPES, pack_ternary, ternary_form, ternary_gguf_type
 
+LLAMA_FTYPE_MOSTLY_Q2_0 = 41  # llama.h of llama-cpp-python 0.3.36; gguf-py 0.19's LlamaFileType lacks it
 SHEXP_GATE = np.float32(2.0 ** -64)
 ZERO_SHEXP_WIDTH = 32
 PROJS = ("gate", "up", "down")
@@ -135,7 +138,7 @@ def resolve_types(c: LLMConfig, ternary_type, shared_type, other_type, expert_ty
 
 
 def _bits(qtype: T) -> float:
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = QUANT_SIZES[qtype]
     return 8 * size / block
 
 
@@ -177,7 +180,7 @@ class _Planner:
         """Exact zeros. Every type holds them, so padding takes the smaller of the requested type and
         Q4_0 (which every llama.cpp backend runs): zero experts in f16 would be 16 bits of nothing."""
         if group == "padding" and qtype not in TERNARY_TYPES.values() and _bits(T.Q4_0) < _bits(qtype) \
-                and shape[-1] % GGML_QUANT_SIZES[T.Q4_0][0] == 0:
+                and shape[-1] % QUANT_SIZES[T.Q4_0][0] == 0:
             qtype = T.Q4_0
 
         def make(q):
@@ -283,6 +286,8 @@ def _check_layers(w: Weights, c: LLMConfig) -> None:
 def _write_kv(wr: GGUFWriter, c: LLMConfig, name: str, routed: T | None, planner: _Planner) -> None:
     wr.add_name(name)
     ftype = LlamaFileType.__members__.get(f"MOSTLY_{(routed or planner.shared).name}")
+    if ftype is None and routed == Q2_0:
+        ftype = LLAMA_FTYPE_MOSTLY_Q2_0
     if ftype is not None:
         wr.add_file_type(int(ftype))
     wr.add_quantization_version(GGML_QUANT_VERSION)

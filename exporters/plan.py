@@ -10,12 +10,13 @@ Sizes: GB = GiB = 2^30 bytes, as everywhere in this project (units.py).
 
 Exactness: bytes come from gguf_llm.llm_tensors and gguf_mmproj._Plan, the very lists the exporter
 writes, fed shapes from the config (ConfigShapes) instead of a checkpoint; so every fallback the
-exporter applies (Q4_0 for ternary rows not a multiple of 256, e.g. Qwen2.5-0.5B's 896-wide gate/up;
-F16 for rows a block size does not divide, e.g. K-quants on 896-wide rows; Q4_0 zero padding) is in
+exporter applies (Q2_0 for ternary rows not a multiple of 256 but of 64, e.g. Qwen2.5-0.5B's 896-wide
+gate/up, then Q4_0 / F16 for rows not a multiple of 64 / 32; F16 for rows a block size does not divide,
+e.g. K-quants on 896-wide rows; Q4_0 zero padding) is in
 the plan, and the planned bytes equal the GGUF tensor bytes (tested group by group).
 
 Two conventions are printed side by side:
-  real   the GGUF bytes: TQ2_0 2.0625, TQ1_0 1.6875, Q8_0 8.5, Q6_K 6.5625, Q4_K / Q4_0 4.5 bits per
+  real   the GGUF bytes: TQ2_0 2.0625, TQ1_0 1.6875, Q2_0 2.25, Q8_0 8.5, Q6_K 6.5625, Q4_K / Q4_0 4.5 bits per
          weight, block scales included;
   paper  the paper's accounting: exactly 2 bits per ternary weight, 16 / 8 / 4 ... bits per weight of
          the type asked for (BF16 / INT8 / INT4), no block scales, no fallbacks, in GiB. With Qwen2.5
@@ -35,6 +36,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as T
 
 from .errors import MoteExportError
+from .ternary import Q2_0, TERNARY_TYPES
 from .units import GIB, MIB, SIZE_HELP, human, parse_size
 
 LM = "model.language_model."
@@ -159,11 +161,14 @@ class ConfigShapes:
 # Nominal bits per weight of a type: what the paper's convention counts (16 for BF16, 8 for INT8,
 # 4 for INT4, 2 for a ternary weight) and what the precision-loss rule below compares.
 NOMINAL_BITS = {T.F32: 32, T.F16: 16, T.BF16: 16, T.Q8_0: 8, T.Q6_K: 6, T.Q5_K: 5, T.Q5_0: 5, T.Q5_1: 5,
-                T.Q4_K: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q3_K: 3, T.Q2_K: 2, T.TQ2_0: 2, T.TQ1_0: 2}
+                T.Q4_K: 4, T.Q4_0: 4, T.Q4_1: 4, T.Q3_K: 3, T.Q2_K: 2, T.TQ2_0: 2, T.TQ1_0: 2, Q2_0: 2}
 # Candidates of the budget search, most precise first.
 FLOAT_CANDIDATES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q4_0", "q3_k")
 CANDIDATES = {
-    "routed": ("tq2_0", "tq1_0"),          # MoTE: both exact for trained ternary weights; TQ2_0 decodes faster
+    # MoTE: both exact for trained ternary weights; TQ2_0 decodes faster. q2_0 (exact too) is no candidate: it
+    # is never smaller than tq2_0 (2.25 vs 2.0625 bpw on rows of 256k weights, the same Q2_0 bytes on other
+    # rows), so it could not win; it is accepted as a fixed --ternary-type (CUDA runs Q2_0, not TQ2_0).
+    "routed": ("tq2_0", "tq1_0"),
     "routed-float": FLOAT_CANDIDATES,      # MoE-LLaVA's full-precision experts
     "shared": FLOAT_CANDIDATES,
     "attention": ("f16", "q8_0", "q6_k", "q4_k", "q4_0"),
@@ -209,7 +214,7 @@ def bits_lost(p, variant: str) -> int:
 
     Rule (the budget search minimises its sum over all tensors): (16 - nominal bits of the type
     written) x the tensor's weight count, floored at 0; F16/BF16/F32 lose 0. MoTE's routed experts
-    lose 0 whatever they are packed in (TQ2_0, TQ1_0, the Q4_0 / F16 fallbacks all hold the trained
+    lose 0 whatever they are packed in (TQ2_0, TQ1_0, Q2_0, the Q4_0 / F16 fallbacks all hold the trained
     ternary weights exactly), and so do zero padding, norms and routers (always F32). It is a proxy:
     every bit dropped counts the same in every matrix. Ties are broken towards the earlier candidates
     (e.g. TQ2_0 over TQ1_0, which is exact too but decodes slower; Q4_K over Q4_0), then the smaller plan."""
@@ -302,14 +307,14 @@ def _resolve(c, types: dict) -> tuple:
     routed = None
     if c.variant == "mote":
         routed = gguf_type(types.get("routed") or "tq2_0", "--ternary-type")
-        if routed not in (T.TQ2_0, T.TQ1_0):
-            raise MoteExportError(f"--ternary-type {types.get('routed')!r}; accepted: tq2_0, tq1_0")
+        if routed not in TERNARY_TYPES.values():
+            raise MoteExportError(f"--ternary-type {types.get('routed')!r}; accepted: {', '.join(TERNARY_TYPES)}")
     elif c.variant == "moe-llava":
         routed = gguf_type(types.get("routed") or "f16", "--expert-type")
     out = [routed]
     for g, opt in (("shared", "--shared-type"), ("attention", "--other-type"), ("embedding", "--other-type")):
         t = gguf_type(types.get(g) or "f16", opt)
-        if t in (T.TQ2_0, T.TQ1_0):
+        if t in TERNARY_TYPES.values():
             raise MoteExportError(f"{opt} {types.get(g)}: ternary types are only for MoTE routed experts")
         out.append(t)
     return tuple(out)
@@ -500,10 +505,12 @@ def why_different(plan: Plan) -> str:
     reasons = []
     r = plan.rows.get("routed")
     if plan.variant == "mote" and r:
+        asked = (plan.types.get("routed") or "tq2_0").upper()
         for t in sorted(r.written):
-            bpw = {"TQ2_0": 2.0625, "TQ1_0": 1.6875, "Q4_0": 4.5, "F16": 16}.get(t)
-            reasons.append(f"routed {t} {bpw} bpw vs 2 bits" + (" (fallback: rows not a multiple of 256)"
-                                                                if t in ("Q4_0", "F16") else ""))
+            bpw = {"TQ2_0": 2.0625, "TQ1_0": 1.6875, "Q2_0": 2.25, "Q4_0": 4.5, "F16": 16}.get(t)
+            why = {"Q2_0": "rows not a multiple of 256", "Q4_0": "rows not a multiple of 64",
+                   "F16": "rows not a multiple of 32"}.get(t) if t != asked else None
+            reasons.append(f"routed {t} {bpw} bpw vs 2 bits" + (f" (exact fallback: {why})" if why else ""))
     for g in ("shared", "ffn") if plan.variant != "moe-llava" else ("routed",):
         s = plan.rows.get(g)
         paper = s.paper_bytes * 8 / s.params if s and s.params else 0
@@ -539,7 +546,8 @@ def format_paper_reproduction(rows: list[dict]) -> str:
                      f"{r['real_diff_pct']:>+6.1f}% {r['real_gb_1e9']:>10.3f}  {r['why']}")
     lines.append("  paper conv.: 2 bits per ternary weight, 16/8/4 bits per shared weight, no block scales, GiB "
                  "(DESIGN.md section 1); real GGUF: the bytes mote-export writes (TQ2_0 2.0625 bpw, Q8_0 8.5, "
-                 "Q4_K 4.5, Q4_0 fallback for 896-wide ternary rows); in 10^9-byte GB every figure reads 7.4% higher")
+                 "Q4_K 4.5, exact Q2_0 2.25 bpw fallback for 896-wide ternary rows); in 10^9-byte GB every figure reads "
+                 "7.4% higher")
     return "\n".join(lines)
 
 
@@ -627,7 +635,9 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=None, help="routed experts E (default: the config's, or 4)")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default 1 for MoTE, 2 for MoE-LLaVA)")
     p.add_argument("--variant", default=None, help="mote | moe-llava | dense (default: the config's, presets: mote)")
-    p.add_argument("--ternary-type", default=None, help="MoTE routed experts: tq2_0 (default) | tq1_0")
+    p.add_argument("--ternary-type", default=None, help="MoTE routed experts: tq2_0 (default) | tq1_0 | q2_0; all "
+                   "exact. Rows whose width the type's block (256 weights; q2_0: 64) does not divide fall back to exact "
+                   "Q2_0 (widths a multiple of 64), else Q4_0 (of 32), else F16")
     p.add_argument("--shared-type", default=None, help="shared expert / dense FFN (default f16): f16, bf16, q8_0, q4_k, ...")
     p.add_argument("--other-type", default=None, help="attention, embeddings and output (default f16)")
     p.add_argument("--expert-type", default=None, help="MoE-LLaVA experts (default f16)")

@@ -16,11 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from gguf.quants import quant_shape_to_byte_shape, quantize
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize
 
 from .errors import MoteExportError
-from .ternary import TERNARY_TYPES
+from .ternary import QUANT_SIZES, TERNARY_TYPES
 
 NUMPY_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q5_0": T.Q5_0,
                "q5_1": T.Q5_1, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -53,13 +53,17 @@ def all_finite(a: np.ndarray) -> bool:
 
 def fitting_type(qtype: T, ne0: int) -> T:
     """`qtype` if its block divides the row width `ne0`, else F16."""
-    return qtype if ne0 % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
+    return qtype if ne0 % QUANT_SIZES[qtype][0] == 0 else T.F16
 
 
 def nbytes(shape: tuple[int, ...], qtype: T) -> int:
+    """Bytes of a tensor of numpy `shape` (rows of shape[-1] weights) in `qtype`, Q2_0 included."""
     if qtype in (T.F32, T.F16):
         return int(np.prod(shape, dtype=np.int64)) * (4 if qtype == T.F32 else 2)
-    return int(np.prod(quant_shape_to_byte_shape(shape, qtype), dtype=np.int64))
+    block, size = QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise ValueError(f"Quantized tensor row size ({shape[-1]}) is not a multiple of {qtype.name} block size ({block})")
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
 def quantize_tensor(arr: np.ndarray, qtype: T, name: str = "tensor") -> np.ndarray:
@@ -75,7 +79,7 @@ def quantize_tensor(arr: np.ndarray, qtype: T, name: str = "tensor") -> np.ndarr
         return out
     rows = arr.reshape(-1, arr.shape[-1])
     step = max(1, _CHUNK // max(1, rows.shape[1]))
-    row_bytes = quant_shape_to_byte_shape((rows.shape[1],), qtype)[0]
+    row_bytes = nbytes((rows.shape[1],), qtype)
     out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
     if qtype in GGML_TYPES.values():
         _ggml_quantize_rows(rows, out, qtype, step)
@@ -89,7 +93,7 @@ def quantize_tensor(arr: np.ndarray, qtype: T, name: str = "tensor") -> np.ndarr
 def ggml_lib() -> ctypes.CDLL:
     """ggml's quantizer from llama-cpp-python's bundled libggml-base (found without importing it)."""
     spec = importlib.util.find_spec("llama_cpp")
-    hint = "K-quants (q2_k..q6_k) need ggml's C quantizer from llama-cpp-python: pip install llama-cpp-python==0.3.36"
+    hint = "K-quants (q2_k..q6_k) need ggml's C quantizer from llama-cpp-python: pip install 'mote-edge[llama]'"
     if spec is None or spec.origin is None:
         raise MoteExportError(f"llama-cpp-python is not installed; {hint}")
     lib_dir = Path(spec.origin).parent / "lib"
@@ -129,7 +133,7 @@ def _ggml_quantize(rows: np.ndarray, qtype: T) -> np.ndarray:
     if lib.ggml_quantize_requires_imatrix(int(qtype)):  # ggml would abort the process instead
         raise MoteExportError(f"{qtype.name.lower()} needs an importance matrix, which this exporter does not compute")
     n_rows, n_per_row = rows.shape
-    out = np.empty((n_rows, quant_shape_to_byte_shape((n_per_row,), qtype)[0]), dtype=np.uint8)
+    out = np.empty((n_rows, nbytes((n_per_row,), qtype)), dtype=np.uint8)
     written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")

@@ -9,21 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from types import SimpleNamespace
+
 from gguf import GGMLQuantizationType as T, GGUFReader
-from gguf.quants import dequantize
 
 from mote_edge.checkpoint import load_model, save_model
 from mote_edge.deploy import ternary_experts
 from mote_edge.exporters import cli
 from mote_edge.exporters.errors import MoteExportError
+from mote_edge.exporters.gguf_header import read_gguf_header
 from mote_edge.exporters.gguf_llm import SHEXP_GATE, write_llm_gguf
 from mote_edge.exporters.safetensors_np import SafetensorsFile
-from mote_edge.exporters.ternary import pack_ternary, ternary_codes, ternary_form
+from mote_edge.exporters.ternary import (Q2_0, dequantize, pack_ternary, ternary_codes, ternary_form,
+                                         ternary_gguf_type)
 from mote_edge.upcycle import upcycle
 
 from .conftest import TEXT, VISION, perturb_experts
 
 TEXT256 = TEXT | {"hidden_size": 256, "intermediate_size": 512}
+# hidden 320: a multiple of 64, not of 256, like Qwen2.5-0.5B's 896; gate/up rows take Q2_0, down (512) TQ2_0
+TEXT320 = TEXT | {"hidden_size": 320, "intermediate_size": 512}
 LM = "model.language_model."
 
 
@@ -35,15 +40,26 @@ def _moe_ckpt(base: Path, out: Path, **kw) -> Path:
     return out
 
 
+def _dense(tmp_path_factory, processor, text: dict, tag: str) -> Path:
+    from mote_edge.tiny import build_dense
+
+    out = tmp_path_factory.mktemp(tag) / "dense"
+    save_model(build_dense(processor.tokenizer, seed=0, vision=VISION, text=text), out)
+    processor.save_pretrained(str(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def dense256(tmp_path_factory, processor):
     """LLM widths 256 / 512, so the 256-weight ternary block types apply."""
-    from mote_edge.tiny import build_dense
+    return _dense(tmp_path_factory, processor, TEXT256, "ckpt256")
 
-    out = tmp_path_factory.mktemp("ckpt256") / "dense"
-    save_model(build_dense(processor.tokenizer, seed=0, vision=VISION, text=TEXT256), out)
-    processor.save_pretrained(str(out))
-    return out
+
+@pytest.fixture(scope="session")
+def mote320(tmp_path_factory, processor) -> Path:
+    """LLM widths 320 / 512: gate/up rows (320) fall back to Q2_0, down rows (512) stay TQ2_0."""
+    dense = _dense(tmp_path_factory, processor, TEXT320, "ckpt320")
+    return _moe_ckpt(dense, tmp_path_factory.mktemp("ckpt320") / "mote", top_k=1, layers="all")
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +83,20 @@ def embedded() -> Path:
 
 
 def _tensors(path) -> dict:
-    return {t.name: t for t in GGUFReader(path).tensors}
+    """name -> tensor (tensor_type, shape in ggml order, raw bytes), through the project's header reader:
+    gguf.GGUFReader cannot open files holding Q2_0 (ggml type 42, unknown to gguf-py 0.19)."""
+    h = read_gguf_header(path)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    return {t.name: SimpleNamespace(name=t.name, tensor_type=t.qtype, shape=t.dims,
+                                    data=raw[h.data_start + t.offset:h.data_start + t.offset + t.nbytes])
+            for t in h.tensors}
 
 
 def _values(t) -> np.ndarray:
     """Dequantized values of a GGUF tensor in numpy order (outer dims first)."""
     shape = tuple(int(d) for d in reversed(t.shape))
-    return dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+    rows = np.asarray(t.data).reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1)
+    return dequantize(rows, t.tensor_type).reshape(shape)
 
 
 def _field(reader: GGUFReader, key: str):
@@ -116,7 +139,7 @@ def test_numpy_ternary_form_reads_bf16_and_fp16_checkpoints_like_torch(mote256, 
 # ---- packing -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype, cols", [(T.TQ2_0, 512), (T.TQ1_0, 512), (T.Q4_0, 96), (T.F16, 40)])
+@pytest.mark.parametrize("qtype, cols", [(T.TQ2_0, 512), (T.TQ1_0, 512), (Q2_0, 192), (T.Q4_0, 96), (T.F16, 40)])
 def test_pack_ternary_dequantizes_to_codes_times_fp16_scale(qtype, cols):
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, size=(3, 8, cols)).astype(np.int8)
@@ -141,6 +164,69 @@ def test_pack_ternary_bytes_equal_gguf_py_quantizer(qtype):
     assert np.array_equal(pack_ternary(codes, scales, qtype), want)
 
 
+def test_ternary_fallback_order():
+    """Row width K: K % 256 == 0 -> the type asked for; else K % 64 -> Q2_0; else K % 32 -> Q4_0; else F16."""
+    for asked in (T.TQ2_0, T.TQ1_0):
+        assert [ternary_gguf_type(asked, k) for k in (256, 4864, 896, 320, 64, 96, 32, 40)] == \
+            [asked, asked, Q2_0, Q2_0, Q2_0, T.Q4_0, T.Q4_0, T.F16]
+    assert [ternary_gguf_type(Q2_0, k) for k in (256, 896, 64, 96, 40)] == [Q2_0, Q2_0, Q2_0, T.Q4_0, T.F16]
+
+
+def _ggml_traits(qtype: int):
+    """ggml's own type traits (name, block size, block bytes, to_float) from llama-cpp-python's libggml-base."""
+    import ctypes
+
+    from mote_edge.exporters.quantize import ggml_lib
+
+    class Traits(ctypes.Structure):  # struct ggml_type_traits, ggml.h of llama-cpp-python 0.3.36
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                    ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                    ("from_float_ref", ctypes.c_void_p)]
+    lib = ggml_lib()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    t = lib.ggml_get_type_traits(int(qtype)).contents
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(t.to_float)
+
+    def decode(raw: np.ndarray, n: int) -> np.ndarray:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        out = np.empty(n, np.float32)
+        to_float(raw.ctypes.data, out.ctypes.data, n)
+        return out
+    return t.type_name.decode(), t.blck_size, t.type_size, decode
+
+
+def test_q2_0_packing_equals_ggml_quantizer_and_decodes_exactly():
+    """Q2_0 (ggml type 42, 64-weight blocks) from the codes is byte for byte ggml_quantize_chunk(42) of
+    codes * s (exactly ternary input), and ggml's own to_float gives back codes * fp16(s) bit-exactly;
+    the numpy dequantizer the tests read files with equals ggml's to_float, on any bytes."""
+    pytest.importorskip("llama_cpp")
+    from mote_edge.exporters.quantize import _ggml_quantize
+
+    name, block, size, to_float = _ggml_traits(Q2_0)
+    assert (name, block, size) == ("q2_0", 64, 18)
+    rng = np.random.default_rng(7)
+    codes = rng.integers(-1, 2, size=(4, 64, 896)).astype(np.int8)
+    codes[0, 0], codes[0, 1], codes[0, 2] = 1, -1, 0  # adversarial rows: all +1, all -1, all 0
+    codes[1, 3, :64] = 0  # one all-zero block in an otherwise mixed row
+    codes[1, 4, 64:128] = 1
+    codes[1, 5, 128:192] = -1
+    scales = np.array([0.0123, 1.5e-5, 3.75, 1e-5], np.float32)  # incl. fp16-subnormal scales
+    packed = pack_ternary(codes, scales, Q2_0)
+    assert packed.shape == (4, 64, 896 // 64 * 18)
+    for m in range(4):
+        want = _ggml_quantize(np.ascontiguousarray(codes[m].astype(np.float32) * scales[m]), Q2_0)
+        assert np.array_equal(packed[m], want), m
+        exact = (codes[m] * np.float32(np.float16(scales[m]))).reshape(-1)
+        got = to_float(packed[m], codes[m].size)
+        assert np.array_equal(got, exact) and np.array_equal(np.signbit(got), np.signbit(exact)), m
+        assert np.array_equal(dequantize(packed[m], Q2_0).reshape(-1), exact), m
+    # the numpy decoder on arbitrary blocks (code 3 = +2d included), finite fp16 d of any sign
+    raw = rng.integers(0, 256, size=(512, 18), dtype=np.uint8)
+    raw[:, :2] = rng.normal(0, 2, size=(512, 1)).astype(np.float16).view(np.uint8)
+    assert np.array_equal(dequantize(raw.reshape(8, -1), Q2_0).reshape(-1), to_float(raw, 512 * 64))
+
+
 def test_ternary_codes_round_half_to_even_like_torch():
     w = np.array([[0.5, -0.5, 0.50000006, -0.50000006, 1.5, 2.5, -1.5, 0.0, -0.0, 0.49999997]], np.float32)
     want = torch.from_numpy(w).round().clamp(-1, 1).to(torch.int8).numpy()
@@ -160,7 +246,10 @@ def test_pack_ternary_takes_codes_only():
 @pytest.mark.parametrize("ckpt, ternary, want", [("embedded", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
                                                  ("mote256", "tq2_0", {"gate": T.TQ2_0, "up": T.TQ2_0, "down": T.TQ2_0}),
                                                  ("mote256", "tq1_0", {"gate": T.TQ1_0, "up": T.TQ1_0, "down": T.TQ1_0}),
-                                                 ("mote64", "tq2_0", {"gate": T.Q4_0, "up": T.Q4_0, "down": T.Q4_0})])
+                                                 ("mote256", "q2_0", {"gate": Q2_0, "up": Q2_0, "down": Q2_0}),
+                                                 ("mote320", "tq2_0", {"gate": Q2_0, "up": Q2_0, "down": T.TQ2_0}),
+                                                 ("mote320", "tq1_0", {"gate": Q2_0, "up": Q2_0, "down": T.TQ1_0}),
+                                                 ("mote64", "tq2_0", {"gate": Q2_0, "up": Q2_0, "down": Q2_0})])
 def test_gguf_routed_experts_are_exactly_the_deployable_form(ckpt, ternary, want, request, tmp_path):
     path = request.getfixturevalue(ckpt)
     out = tmp_path / "m.gguf"
@@ -174,9 +263,12 @@ def test_gguf_routed_experts_are_exactly_the_deployable_form(ckpt, ternary, want
             expect = np.stack([codes * np.float32(np.float16(scale)) for codes, scale in
                                (deploy[f"{LM}layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"] for e in range(4))])
             assert np.array_equal(_values(t), expect), (layer, proj)
-    bpw = {T.TQ2_0: 2.0625, T.TQ1_0: 1.6875, T.Q4_0: 4.5}[want["gate"]]
-    assert s["routed_bpw"] == pytest.approx(bpw)
+    bpw = {T.TQ2_0: 2.0625, T.TQ1_0: 1.6875, Q2_0: 2.25, T.Q4_0: 4.5}
+    assert s["routed_bpw"] == pytest.approx(sum(bpw[q] for q in want.values()) / 3)  # gate, up, down: as many weights
+    assert s["routed_types"] == sorted({q.name for q in want.values()})
     assert s["file_bytes"] == out.stat().st_size
+    fallback = [f for f in s["fallbacks"] if "Q2_0" in f]
+    assert bool(fallback) == (ternary != "q2_0" and Q2_0 in want.values())
 
 
 def test_gguf_mapping_shared_expert_router_attention_and_keys(mote256, tmp_path):
@@ -259,7 +351,7 @@ def test_dense_checkpoint_is_written_as_qwen2(dense_ckpt, tmp_path):
 def test_cli_writes_llm_and_mmproj_or_neither(mote64, tmp_path, capsys, monkeypatch):
     cli.main([str(mote64), "-o", str(tmp_path / "m.gguf"), "--quiet"])
     out = capsys.readouterr().out
-    assert "routed experts: Q4_0" in out and "expert memory (shared + routed)" in out and "file size" in out
+    assert "routed experts: Q2_0" in out and "expert memory (shared + routed)" in out and "file size" in out
     assert (tmp_path / "m.gguf").is_file() and (tmp_path / "m-mmproj.gguf").is_file()
 
     def broken(*a, **k):
@@ -290,7 +382,7 @@ def test_float_types_and_fallback_report(mote64, tmp_path):
     assert t["blk.0.ffn_up_shexp.weight"].tensor_type == T.Q8_0
     assert t["blk.0.attn_q.weight"].tensor_type == T.Q4_0
     assert t["blk.0.attn_norm.weight"].tensor_type == T.F32
-    assert any("TQ2_0 -> Q4_0" in f for f in s["fallbacks"])
+    assert any("TQ2_0 -> Q2_0" in f for f in s["fallbacks"])
 
 
 def test_exporter_does_not_import_torch(mote64, tmp_path):
@@ -337,9 +429,10 @@ def _truncate(src, dst):
     ("garbage", [], "not a readable safetensors"),
     ("ok", ["--shared-type", "q9_9"], "not a known type"),
     ("ok", ["--other-type", "tq2_0"], "only for MoTE routed experts"),
-    ("ok", ["--ternary-type", "q4_0"], "accepted: tq2_0, tq1_0"),
+    ("ok", ["--ternary-type", "q4_0"], "accepted: tq2_0, tq1_0, q2_0"),
+    ("ok", ["--shared-type", "q2_0"], "only for MoTE routed experts"),
     ("ok", ["--expert-type", "f16"], "--expert-type is for MoE-LLaVA"),
-    ("ok", ["--format", "onnx"], "not available yet"),
+    ("ok", ["--format", "tflite"], "accepted: gguf, onnx"),
     ("no_out_dir", [], "output folder"),
 ])
 def test_bad_input(case, args, message, mote64, dense_ckpt, tmp_path, capsys):
@@ -422,12 +515,12 @@ def test_ggml_c_quantizer_through_ctypes(mote256, tmp_path):
 
 
 def _llama(path, **kw):
-    import llama_cpp
+    from mote_edge.runtime_cpu.llama_engine import llama
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, **kw)
+    return llama(path, **({"n_ctx": 256} | kw))  # as the engine loads (AMX workaround)
 
 
-@pytest.fixture(scope="module", params=["embedded", "mote256"])
+@pytest.fixture(scope="module", params=["embedded", "mote256", "mote320"])
 def exported(request, tmp_path_factory):
     """(checkpoint, GGUF) with everything but the ternary experts in f32, which isolates the MoE mapping."""
     pytest.importorskip("llama_cpp")
@@ -447,20 +540,41 @@ def test_llama_cpp_tokenizer_matches_hf(exported):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False), text
 
 
-def _q8k_activations(x):
-    """llama.cpp's activation quantization for ternary dot products (Q8_K): int8 per 256-block
-    (round(x * 127 / max|block|)), where MoTE quantizes per token."""
+def _q8_activations(x, block: int, fp16_scale: bool):
+    """llama.cpp's int8 activation quantization, per `block` values (round(x * 127 / max|block|)), where
+    MoTE quantizes per token: Q8_K (block 256, fp32 scale) for TQ2_0 / TQ1_0 dot products, Q8_0 (block
+    32, fp16 scale) for Q2_0 / Q4_0 ones."""
     import mote_edge.quant as mq
 
     xf = x.detach().float()
-    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // 256, 256)
+    b = xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     amax = b.abs().amax(-1, keepdim=True).clamp(min=1e-30)
-    q = ((b * (127 / amax)).round() * (amax / 127)).reshape(xf.shape)
+    d = (amax / 127).half().float() if fp16_scale else amax / 127
+    q = ((b * (127 / amax)).round() * d).reshape(xf.shape)
     return mq.ste(x, q.to(x.dtype))
 
 
-def _parity(gguf_path, ckpt, text, monkeypatch):
-    """llama.cpp teacher-forced logits vs PyTorch's (MoTE as trained, and with Q8_K activations)."""
+def _q8k_activations(x):
+    return _q8_activations(x, 256, False)
+
+
+def _llama_activations(ternary: str = "tq2_0"):
+    """The activation quantization llama.cpp's CPU backend applies before each ternary matmul of an export
+    with this --ternary-type: chosen by the matrix's input width K, as the exporter chooses its type."""
+    from mote_edge.exporters.ternary import TERNARY_TYPES
+
+    def act(x):
+        qtype = ternary_gguf_type(TERNARY_TYPES[ternary], x.shape[-1])
+        if qtype in (T.TQ2_0, T.TQ1_0):
+            return _q8_activations(x, 256, False)  # vec_dot_type Q8_K
+        assert qtype in (Q2_0, T.Q4_0), qtype
+        return _q8_activations(x, 32, True)  # vec_dot_type Q8_0
+    return act
+
+
+def _parity(gguf_path, ckpt, text, monkeypatch, ternary: str = "tq2_0"):
+    """llama.cpp teacher-forced logits vs PyTorch's (MoTE as trained, and with llama.cpp's activation
+    quantization: Q8_K for TQ2_0 / TQ1_0 matrices, Q8_0 for Q2_0 / Q4_0 ones)."""
     from transformers import AutoTokenizer
 
     import mote_edge.quant as mq
@@ -470,7 +584,7 @@ def _parity(gguf_path, ckpt, text, monkeypatch):
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)], dtype=np.float32)
     refs = []
-    for act in (mq.quantize_activation_int8, _q8k_activations):
+    for act in (mq.quantize_activation_int8, _llama_activations(ternary)):
         monkeypatch.setattr(mq, "quantize_activation_int8", act)
         with torch.no_grad():
             refs.append(load_model(ckpt)(input_ids=torch.tensor([ids])).logits[0].numpy())
@@ -488,15 +602,41 @@ PARITY_TEXT = PROMPTS[1] + "red circle<|im_end|>\n" + PROMPTS[1] + "two<|im_end|
 
 def test_llama_cpp_logits_match_pytorch(exported, monkeypatch):
     """Teacher-forced, text only. llama.cpp quantizes the activations of ternary products to int8
-    per 256-weight block (Q8_K), MoTE per token: close, not equal. With PyTorch switched to Q8_K
-    activations the rest of the mapping is checked to fp32 rounding and int8 rounding flips."""
+    per 256-weight block (Q8_K; per 32 = Q8_0 for the Q2_0 rows of mote320), MoTE per token: close,
+    not equal. With PyTorch switched to llama.cpp's activation quantization the rest of the mapping
+    is checked to fp32 rounding and int8 rounding flips."""
     ckpt, path = exported
     mote, q8k = _parity(path, ckpt, PARITY_TEXT, monkeypatch)
-    for tag, s in (("MoTE", mote), ("Q8_K", q8k)):
+    for tag, s in (("MoTE", mote), ("llama.cpp Q8_K/Q8_0", q8k)):
         print(f"{ckpt.parent.name}/{ckpt.name} llama.cpp vs PyTorch ({tag} activations): top-1 {s['top1']:.3f}, "
               f"max |dlogit| {s['max']:.2e}, mean {s['mean']:.2e} (mean |logit| {s['scale']:.3f})")
     assert np.isfinite(mote["max"]) and mote["top1"] >= 0.95 and mote["mean"] < 0.01 * mote["scale"]
     assert q8k["mean"] < 2e-3 * q8k["scale"] and q8k["max"] < 0.02 * q8k["scale"]
+
+
+def test_llama_cpp_runs_q2_0_experts(mote256, mote320, tmp_path, monkeypatch):
+    """--ternary-type q2_0 (every routed matrix Q2_0, Q8_0 activations) and the default export of a
+    320-wide model (gate/up Q2_0): both load in llama.cpp, generate, and match PyTorch with the same
+    tolerances as the TQ2_0 files."""
+    pytest.importorskip("llama_cpp")
+    for ckpt, ternary in ((mote256, "q2_0"), (mote320, "tq2_0")):
+        out = tmp_path / f"{ckpt.parent.name}-{ternary}.gguf"
+        s = write_llm_gguf(ckpt, out, ternary_type=ternary, shared_type="f32", other_type="f32", progress=False)
+        assert "Q2_0" in s["routed_types"]
+        mote, q8 = _parity(out, ckpt, PARITY_TEXT, monkeypatch, ternary)
+        print(f"{ckpt.parent.name} --ternary-type {ternary} ({', '.join(s['routed_types'])}): top-1 {mote['top1']:.3f} / "
+              f"{q8['top1']:.3f}, max |dlogit| {mote['max']:.2e} / {q8['max']:.2e}, mean {mote['mean']:.2e} / "
+              f"{q8['mean']:.2e} (MoTE / llama.cpp activations; mean |logit| {mote['scale']:.3f})")
+        assert np.isfinite(mote["max"]) and mote["top1"] >= 0.95 and mote["mean"] < 0.01 * mote["scale"]
+        assert q8["mean"] < 2e-3 * q8["scale"] and q8["max"] < 0.02 * q8["scale"]
+        llm = _llama(out)
+        ids = llm.tokenize(PROMPTS[1].encode(), add_bos=False, special=True)
+        gen = []
+        for tok in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+            gen.append(tok)
+            if len(gen) == 8:
+                break
+        assert len(gen) == 8 and all(0 <= t < llm.n_vocab() for t in gen)
 
 
 def test_llama_cpp_dense_qwen2_matches_pytorch(dense_ckpt, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_header import read_gguf_header
 from mote_edge.exporters.gguf_llm import write_llm_gguf
 from mote_edge.exporters.gguf_mmproj import write_mmproj
+from mote_edge.exporters.ternary import TERNARY_TYPES
 
 from mote_edge.tiny import ASSETS
 
@@ -125,10 +126,28 @@ def test_paper_figures_within_5_percent():
         assert r["paper_convention_gib"] == pytest.approx(r["paper_gb"], rel=0.05), r
     by = {(r["preset"], r["variant"], r["shared_or_expert_bits"]): r for r in rows}
     # where the real GGUF bytes part from the paper, the reason is named
-    assert "Q4_0" in by[("qwen2.5-0.5b", "mote", 16)]["why"]  # 896-wide ternary rows: Q4_0 fallback
+    why = by[("qwen2.5-0.5b", "mote", 16)]["why"]  # 896-wide ternary rows: exact Q2_0 fallback
+    assert "routed Q2_0 2.25 bpw vs 2 bits (exact fallback: rows not a multiple of 256)" in why and "Q4_0" not in why
     assert "Q8_0 8.5 bpw" in by[("qwen2.5-3b", "mote", 8)]["why"]
     assert by[("qwen2.5-3b", "moe-llava", 16)]["real_diff_pct"] == pytest.approx(
         by[("qwen2.5-3b", "moe-llava", 16)]["paper_convention_diff_pct"])  # f16 experts: no scales at all
+
+
+def test_qwen05b_expert_memory_with_q2_0_fallback():
+    """0.5B MoTE, BF16 shared: gate/up (896 = 14 x 64) take Q2_0 (18 bytes per 64), down (4864 = 19 x 256)
+    TQ2_0 (66 per 256): 0.904 GiB expert memory against the paper's 0.9 (it was 1.123 with the Q4_0 fallback)."""
+    cfg = P.with_moe(P.preset_config("qwen2.5-0.5b"), 4, "mote", None)
+    plan = P.make_plan(cfg, "0.5b", {"shared": "bf16"}, mmproj=False)
+    L, H, F, E = 24, 896, 4864, 4
+    routed = L * E * (2 * F * H // 64 * 18 + H * F // 256 * 66)
+    assert plan.rows["routed"].bytes == routed and plan.rows["shared"].bytes == L * 3 * F * H * 2
+    assert plan.expert_memory_bytes == routed + L * 3 * F * H * 2 == 970776576
+    assert plan.expert_memory_bytes <= 0.95 * GIB
+    assert plan.fallbacks == ["48 x TQ2_0 -> Q2_0 (row width 896)"]
+    q2 = P.make_plan(cfg, "0.5b", {"routed": "q2_0", "shared": "bf16"}, mmproj=False)  # every routed matrix Q2_0
+    assert q2.rows["routed"].written == {"Q2_0": 72} and not q2.fallbacks and q2.loss == plan.loss == 0
+    assert q2.rows["routed"].bytes == L * E * 3 * F * H // 64 * 18
+    assert "Q2_0 2.25 bpw vs 2 bits" in P.why_different(q2) and "fallback" not in P.why_different(q2)
 
 
 def test_qwen_presets_have_the_stated_shapes():
@@ -138,7 +157,7 @@ def test_qwen_presets_have_the_stated_shapes():
                 t["num_key_value_heads"], t["vocab_size"], t["tie_word_embeddings"]) == \
             (layers, hidden, ffn, heads, kv, 151936, True)
     plan = P.make_plan(P.with_moe(P.preset_config("qwen2.5-0.5b"), 4, "mote", None), "0.5b", {"shared": "bf16"})
-    assert plan.rows["routed"].written == {"Q4_0": 48, "TQ2_0": 24}  # gate/up 896 wide: exact Q4_0 fallback
+    assert plan.rows["routed"].written == {"Q2_0": 48, "TQ2_0": 24}  # gate/up 896 wide: exact Q2_0 fallback
     # so400m: 384 px / patch 14 -> 27 x 27 patches (integer division, as HF's conv and clip.cpp)
     pos = [shape for name, shape, *_ in P._mmproj_items(plan.cfg, "0.5b", "f16") if name == "v.position_embd.weight"]
     assert pos and 729 in pos[0]
@@ -153,7 +172,14 @@ def _file_groups(path: Path, mmproj: Path, cfg: dict) -> tuple[dict, dict]:
     mote = cfg.get("mote") or {}
     moe_layers, variant = set(mote.get("layers") or []), mote.get("variant", "dense") if mote else "dense"
     groups, tensors = {}, {}
-    for t in GGUFReader(path).tensors:
+    # gguf.GGUFReader cannot open files with Q2_0 (ggml type 42, unknown to gguf-py 0.19): the header reader
+    # can; its sizes are checked against the bytes really in the file (each tensor's data, padded to 32,
+    # runs to the next one's offset, the last one to the end of the file)
+    h = read_gguf_header(path)
+    ends = [t.offset + t.nbytes for t in h.tensors]
+    assert [t.offset for t in h.tensors[1:]] == [-(-e // 32) * 32 for e in ends[:-1]]
+    assert path.stat().st_size == h.data_start + -(-ends[-1] // 32) * 32
+    for t in h.tensors:
         n, layer = t.name, int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
         if n.endswith("_exps.weight"):
             g = "routed" if layer in moe_layers else "padding"
@@ -167,15 +193,16 @@ def _file_groups(path: Path, mmproj: Path, cfg: dict) -> tuple[dict, dict]:
             g = "embedding"
         else:
             g = "fixed"  # norms, router, shared-expert gate
-        groups[g] = groups.get(g, 0) + int(t.n_bytes)
-        tensors[n] = (T(t.tensor_type), int(t.n_bytes))
+        groups[g] = groups.get(g, 0) + t.nbytes
+        tensors[n] = (t.qtype, t.nbytes)
     groups["vision"] = sum(int(t.n_bytes) for t in GGUFReader(mmproj).tensors)
     return groups, tensors
 
 
 def _export(ckpt: Path, out: Path, types: dict) -> Path:
-    write_llm_gguf(ckpt, out, ternary_type=types.get("routed") if "routed" in types and types["routed"].startswith("tq")
-                   else None, expert_type=None if types.get("routed", "tq").startswith("tq") else types["routed"],
+    ternary = types.get("routed", "tq2_0") in TERNARY_TYPES
+    write_llm_gguf(ckpt, out, ternary_type=types.get("routed") if ternary else None,
+                   expert_type=None if ternary else types["routed"],
                    shared_type=types.get("shared", "f16"), other_type=types.get("attention", "f16"),
                    embedding_type=types.get("embedding"), progress=False)
     write_mmproj(ckpt, out.with_name(out.stem + "-mmproj.gguf"), ftype=types.get("mmproj", "f16"))
@@ -203,7 +230,7 @@ def test_planner_bytes_equal_exported_tiny_gguf(types, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_ckpts(dense_ckpt, tmp_path_factory):
-    """64-wide LLMs (conftest): every ternary row falls back to Q4_0 and every K-quant to F16."""
+    """64-wide LLMs (conftest): every ternary row (64 / 128 wide) falls back to Q2_0 and every K-quant to F16."""
     from mote_edge.upcycle import upcycle
 
     root = tmp_path_factory.mktemp("plan_ckpts")
@@ -215,6 +242,7 @@ def small_ckpts(dense_ckpt, tmp_path_factory):
 
 @pytest.mark.parametrize("name, types", [
     ("mote", {}),
+    ("mote", dict(routed="q2_0")),
     pytest.param("mote", dict(shared="q4_k", attention="q8_0", embedding="q6_k"), marks=needs_ggml),
     ("sparse", dict(routed="tq1_0", shared="q8_0")),
     ("moe", dict(routed="q8_0", embedding="q4_0")),
@@ -222,8 +250,10 @@ def small_ckpts(dense_ckpt, tmp_path_factory):
 ])
 def test_planner_bytes_equal_exported_gguf_with_fallbacks(name, types, small_ckpts, tmp_path):
     plan = _check_plan_equals_file(small_ckpts[name], tmp_path / "m.gguf", types)
-    if name == "mote":
-        assert plan.rows["routed"].written == {"Q4_0": 6}  # 64 / 128-wide rows: no 256-weight blocks
+    if name in ("mote", "sparse"):  # 64 / 128-wide rows: no 256-weight blocks, exact Q2_0 (64-weight blocks)
+        assert set(plan.rows["routed"].written) == {"Q2_0"}
+        fell_back = any("TQ" in f and "-> Q2_0" in f for f in plan.fallbacks)
+        assert fell_back == (types.get("routed") != "q2_0")
     if types.get("shared") == "q4_k":
         assert plan.rows["shared"].written == {"F16": 6} and plan.fallbacks
 
@@ -349,6 +379,24 @@ def test_mote_plan_json_for_presets(capsys):
     plan_cli.main(["--preset", "qwen2.5-0.5b", "--variant", "moe-llava", "--json", "--n-ctx", "0"])
     out = json.loads(capsys.readouterr().out)
     assert out["top_k"] == 2 and out["expert_memory_bytes"] / GIB == pytest.approx(2.3, rel=0.05)
+
+
+def test_ternary_type_q2_0_in_mote_plan_and_mote_export(tmp_path, capsys):
+    plan_cli.main(["--preset", "tiny", "--ternary-type", "q2_0", "--json", "--n-ctx", "0"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["types"]["routed"] == "q2_0" and out["groups"]["routed"]["written"] == {"Q2_0": 12}
+    assert out["groups"]["routed"]["bpw"] == 2.25 and not out["fallbacks"]
+    if not (TINY / "model.safetensors").is_file():
+        return
+    # mote-export: the type stays fixed in a budget search, and the file is the plan
+    cli.main([str(TINY), "-o", str(tmp_path / "m.gguf"), "--ternary-type", "q2_0", "--memory-budget", "8MiB", "--quiet"])
+    printed = capsys.readouterr().out
+    assert "fixed: routed q2_0" in printed and "routed experts: Q2_0, 2.2500 bits per weight" in printed
+    plan = P.make_plan(P.load_config(TINY), str(TINY), {"routed": "q2_0"})
+    groups, tensors = _file_groups(tmp_path / "m.gguf", tmp_path / "m-mmproj.gguf", P.load_config(TINY))
+    assert {g: r.bytes for g, r in plan.rows.items()} == groups
+    assert {n for n, (q, _) in tensors.items() if q.name == "Q2_0"} == \
+        {f"blk.{i}.ffn_{p}_exps.weight" for i in range(4) for p in ("gate", "up", "down")}
 
 
 def test_mote_plan_table_config_and_checkpoint_folder(capsys):
