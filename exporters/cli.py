@@ -1,11 +1,15 @@
-"""mote-export: a MoTE / MoE-LLaVA (or dense) checkpoint -> llama.cpp GGUF files (no torch needed).
+"""mote-export: a MoTE / MoE-LLaVA (or dense) checkpoint -> llama.cpp GGUF files or an ONNX folder (no torch needed).
 
-    mote-export CKPT_DIR -o model.gguf [--format gguf] [--ternary-type tq2_0|tq1_0]
+    mote-export CKPT_DIR -o model.gguf [--format gguf] [--ternary-type tq2_0|tq1_0|q2_0]
                 [--shared-type f16] [--other-type f16] [--expert-type f16] [--no-mmproj]
                 [--memory-budget 3.4GB [--budget-scope model|experts]]
 
 Writes model.gguf (the LLM: qwen2moe, or qwen2 for a dense checkpoint) and model-mmproj.gguf
 (the SigLIP tower and the MLP connector, for llama.cpp's mtmd).
+
+    mote-export CKPT_DIR --format onnx -o DIR [--onnx-kernels exact]
+
+writes the folder DIR for onnxruntime (exporters/onnx_folder.py).
 """
 from __future__ import annotations
 
@@ -19,21 +23,26 @@ FORMATS = ("gguf", "onnx")
 
 @cli_entry
 def main(argv=None):
-    try:  # gguf is an optional dependency of the package: say so in one line
+    try:  # gguf is in the base install; a broken environment still gets one line
         from .gguf_file import mmproj_path
         from .gguf_llm import format_summary, write_llm_gguf
         from .gguf_mmproj import write_mmproj
         from .quantize import FLOAT_TYPES
         from .ternary import TERNARY_TYPES
     except ImportError as exc:
-        raise MoteExportError(f"{exc.name} is not installed; pip install 'mote-edge[gguf]'") from None
+        raise MoteExportError(f"{exc.name} is not installed; it comes with the base install: pip install mote-edge") from None
     types = ", ".join(FLOAT_TYPES)
     p = argparse.ArgumentParser(prog="mote-export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt_dir", help="MoTE or MoE-LLaVA checkpoint folder (config.json + model.safetensors)")
-    p.add_argument("-o", "--output", required=True, help="output file, e.g. model.gguf")
-    p.add_argument("--format", default="gguf", help="gguf (onnx: not available yet)")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. model.gguf (--format onnx: a new folder)")
+    p.add_argument("--format", default="gguf", help="gguf (default: llama.cpp files) | onnx (a folder for onnxruntime: "
+                   "vision.onnx, embedding.onnx, decoder.onnx, one weights file, configs, tokenizer)")
+    p.add_argument("--onnx-kernels", default=None, help="--format onnx: the body of the ai.mote::TernaryMatMul "
+                   "routed-expert op: exact (default; int8 per-token activations, MatMulInteger, standard ops)")
     p.add_argument("--ternary-type", default=None, help=f"MoTE routed experts: {' | '.join(TERNARY_TYPES)} "
-                   "(default tq2_0; rows not a multiple of 256 fall back to an exact Q4_0 packing)")
+                   "(default tq2_0: 2.0625 bpw; tq1_0: 1.6875; q2_0: 2.25, 64-weight blocks, which CUDA also runs). "
+                   "All exact. Rows whose width the type's block (256 weights; q2_0: 64) does not divide fall back to "
+                   "exact Q2_0 (widths a multiple of 64), else Q4_0 (of 32; 4.5 bpw), else F16; the summary reports each")
     p.add_argument("--shared-type", default=None, help=f"shared expert, or a dense model's FFN (default f16): {types}")
     p.add_argument("--other-type", default=None, help=f"embeddings, output and attention (default f16): {types}")
     p.add_argument("--expert-type", default=None, help=f"MoE-LLaVA experts (default f16): {types}")
@@ -52,10 +61,12 @@ def main(argv=None):
                         "(default); experts = shared + routed experts only (the paper's 'expert memory')")
     a = p.parse_args(argv)
     fmt = a.format.strip().lower()
-    if fmt == "onnx":
-        raise MoteExportError("--format onnx is not available yet; accepted: gguf")
     if fmt not in FORMATS:
-        raise MoteExportError(f"--format {a.format!r}; accepted: gguf")
+        raise MoteExportError(f"--format {a.format!r}; accepted: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        return _onnx(a)
+    if a.onnx_kernels is not None:
+        raise MoteExportError("--onnx-kernels is for --format onnx")
     ckpt, out = Path(a.ckpt_dir), Path(a.output)
     types = dict(ternary_type=a.ternary_type, shared_type=a.shared_type or "f16", other_type=a.other_type or "f16",
                  expert_type=a.expert_type)
@@ -74,3 +85,22 @@ def main(argv=None):
             out.unlink(missing_ok=True)  # all or nothing: a model without its projector is not the export asked for
             raise
         print(f"wrote {mmproj_path(out)}")
+
+
+def _onnx(a) -> None:
+    """--format onnx: the export folder for onnxruntime (exporters/onnx_folder.py)."""
+    given = [flag for flag, v in (("--ternary-type", a.ternary_type), ("--shared-type", a.shared_type),
+                                  ("--other-type", a.other_type), ("--expert-type", a.expert_type),
+                                  ("--memory-budget", a.memory_budget), ("--budget-scope", a.budget_scope),
+                                  ("--no-mmproj", a.no_mmproj or None)) if v is not None]
+    if given:
+        raise MoteExportError(f"{given[0]} is for --format gguf; --format onnx takes --onnx-kernels")
+    try:
+        from .onnx_folder import format_summary, write_onnx_folder
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MoteExportError(f"--format onnx needs {exc.name}, which this install lacks; "
+                              "pip install 'mote-edge[onnx]'") from None
+    summary = write_onnx_folder(Path(a.ckpt_dir), Path(a.output), kernels=a.onnx_kernels or "exact",
+                                progress=not a.quiet)
+    print(format_summary(summary))
