@@ -92,13 +92,13 @@ def markdown(r: dict) -> str:
                      f"{m['bytes_per_token'] / MIB:.1f} | {m['rss_load'] / MIB:.0f} | {m['rss_peak'] / MIB:.0f} |")
     if mixed:
         lines += ["", f"Mixed types in {', '.join(mixed)}: rows whose width a type's block does not divide are "
-                  "written in a fallback type by mote-export (ternary -> exact Q4_0; K-quants -> F16), e.g. "
+                  "written in a fallback type by mote-export (ternary -> exact Q2_0, or Q4_0 / F16 for narrower blocks; K-quants -> F16), e.g. "
                   "Qwen2.5-0.5B's 896-wide gate/up rows; the memory figures above are what the files hold."]
     if r["preset"] in PAPER_GIB:
         moe, mote = PAPER_GIB[r["preset"]]
         lines += ["", f"Paper (DESIGN.md 1), expert memory at this shape: MoE-LLaVA 4 x BF16 {moe} GiB, MoTE BF16 "
                   f"shared + 2-bit experts {mote} GiB (real formats add block scales; Qwen2.5-0.5B's 896-wide "
-                  "gate/up experts fall back to exact Q4_0)."]
+                  "gate/up experts fall back to exact Q2_0, 2.25 bpw)."]
     lines += ["", "Expert memory: routed + shared expert tensors (a dense model: its FFN). Weights read per token: "
               "attention, norms, routers, shared expert, top-k / n_expert of the routed experts, output head, one "
               "embedding row (from the GGUF tensor sizes). Prefill tok/s: prompt tokens / (time to first token - "

@@ -491,6 +491,31 @@ def test_repacked_types_follow_the_cpu_flags():
     assert M.repackable_types(X86_AVX2.replace("AVX512 = 0", "AVX512 = 1")) == {T.Q4_0, T.Q4_K, T.IQ4_NL, T.MXFP4, T.Q2_K}
     assert M.repackable_types(X86_AVX2.replace("AVX2 = 1", "AVX2 = 0")) == set()
     assert M.repackable_types(ARM) == M.repackable_types(None) == M.REPACKABLE  # not x86: every type that may be
+    amx = X86_AVX2.replace("AVX512 = 0", "AVX512 = 1 | AMX_INT8 = 1")
+    assert M.amx_in_build(amx) and not M.amx_in_build(X86_AVX2)
+    assert M.repackable_types(amx) == set()  # loaded without extra buffers there (the AMX backend crashes)
+
+
+def test_amx_builds_load_without_extra_buffers(monkeypatch):
+    """Where llama.cpp's AMX backend is built in, the engine's loads ask for no extra buffer types."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp
+
+    seen = {}
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 |")
+
+    def fake_llama(model_path, **kw):
+        seen["use_extra_bufts"] = llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+        raise ValueError("stop here")
+    monkeypatch.setattr(llama_cpp, "Llama", fake_llama)
+    with pytest.raises(MoteExportError, match="could not load"):
+        llama_engine.llama("x.gguf")
+    assert seen == {"use_extra_bufts": False}
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # restored after the load
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 0 |")
+    with pytest.raises(MoteExportError):
+        llama_engine.llama("x.gguf")
+    assert seen == {"use_extra_bufts": True}
 
 
 def test_resident_repack_term_counts_matmul_weights_of_repacked_types(tmp_path):
