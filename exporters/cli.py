@@ -38,7 +38,9 @@ def main(argv=None):
     p.add_argument("--format", default="gguf", help="gguf (default: llama.cpp files) | onnx (a folder for onnxruntime: "
                    "vision.onnx, embedding.onnx, decoder.onnx, one weights file, configs, tokenizer)")
     p.add_argument("--onnx-kernels", default=None, help="--format onnx: the body of the ai.mote::TernaryMatMul "
-                   "routed-expert op: exact (default; int8 per-token activations, MatMulInteger, standard ops)")
+                   "routed-expert ops: exact (default; int8 per-token activations as MoTE trains, MatMulInteger, standard ops "
+                   "only) | fast (2-bit codes, com.microsoft MatMulNBits with int8 activations per 128-block: 4x smaller "
+                   "experts, faster on onnxruntime, close to but not equal to exact)")
     p.add_argument("--ternary-type", default=None, help=f"MoTE routed experts: {' | '.join(TERNARY_TYPES)} "
                    "(default tq2_0: 2.0625 bpw; tq1_0: 1.6875; q2_0: 2.25, 64-weight blocks, which CUDA also runs). "
                    "All exact. Rows whose width the type's block (256 weights; q2_0: 64) does not divide fall back to "

@@ -12,6 +12,8 @@ This is the one front for every engine. An engine is a module in ENGINES with `N
 `plan_memory(model, mmproj, n_ctx) -> dict` (its own resident estimate, "total_bytes" and "n_ctx"
 among the keys), `format_memory(dict) -> str` and an `Engine(model, mmproj, n_ctx, threads, seed)`
 whose `stream(image, prompt, max_tokens, temperature, top_k, top_p, seed)` yields (text, finish reason).
+Optionally `resolve_inputs(model_arg, mmproj_arg) -> (model, mmproj)`: an engine whose model is not a
+GGUF + <stem>-mmproj.gguf pair (the onnxruntime engine takes an export folder) checks its inputs there.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from ..exporters.units import SIZE_HELP, human, parse_size
 from .memory import peak_rss_mib
 
 # engine name -> module (imported only when chosen, so one engine's missing library never stops another)
-ENGINES = {"llama.cpp": "mote_edge.runtime_cpu.llama_engine"}
+ENGINES = {"llama.cpp": "mote_edge.runtime_cpu.llama_engine", "onnxruntime": "mote_edge.runtime_cpu.onnx_engine",
+           "mote": "mote_edge.runtime_cpu.mote_engine"}
 DEFAULT_ENGINE = "llama.cpp"
 
 
@@ -54,7 +57,8 @@ def check_memory(engine, model: Path, mmproj: Path, n_ctx: int | None, limit_tex
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mote-run", description="Answer a question about an image with exported "
                                 "files (the LLM GGUF and its -mmproj.gguf) on this machine.")
-    p.add_argument("model", help="the LLM file written by mote-export, e.g. model.gguf")
+    p.add_argument("model", help="the LLM file written by mote-export, e.g. model.gguf (--engine onnxruntime: "
+                   "the folder written by mote-export --format onnx)")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"{' | '.join(ENGINES)} (default {DEFAULT_ENGINE})")
@@ -92,11 +96,17 @@ def main(argv=None):
     a = parser().parse_args(argv)
     _check_args(a)
     engine = engine_module(a.engine)
-    model, proj = Path(a.model), Path(a.mmproj) if a.mmproj else mmproj_path(a.model)
-    for path, what in ((model, "model"), (proj, "mmproj")):
-        if not path.is_file():
-            hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if path is proj else ""
-            raise MoteExportError(f"{what} file {str(path)!r} does not exist{hint}")
+    if hasattr(engine, "resolve_inputs"):
+        model, proj = engine.resolve_inputs(a.model, a.mmproj)
+    else:
+        model, proj = Path(a.model), Path(a.mmproj) if a.mmproj else mmproj_path(a.model)
+        if model.is_dir():
+            raise MoteExportError(f"model {str(model)!r} is a folder; --engine {a.engine} takes a model file "
+                                  f"(an ONNX export folder runs with --engine onnxruntime)")
+        for path, what in ((model, "model"), (proj, "mmproj")):
+            if not path.is_file():
+                hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if path is proj else ""
+                raise MoteExportError(f"{what} file {str(path)!r} does not exist{hint}")
     n_ctx = a.n_ctx
     if a.memory_limit is not None:
         n_ctx = check_memory(engine, model, proj, n_ctx, a.memory_limit)
