@@ -46,8 +46,9 @@ class GGUFHeader:
         return self.fields.get(f"{self.fields.get('general.architecture')}.{name}", default)
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """The header of a GGUF file; MoteExportError (one line) when it is missing, truncated or not GGUF."""
+def read_gguf_header(path: str | Path, arrays=()) -> GGUFHeader:
+    """The header of a GGUF file; MoteExportError (one line) when it is missing, truncated or not GGUF.
+    The array keys named in `arrays` (e.g. "tokenizer.ggml.tokens") are read too, as lists."""
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -76,6 +77,18 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             else:
                 f.seek(struct.calcsize(_FMT[vtype]), 1)
 
+        def array(item, n: int) -> list:
+            if item == V.STRING:
+                return [string() for _ in range(n)]
+            if item not in _FMT:
+                raise ValueError(f"array of {item.name} is not read")
+            size = struct.calcsize(_FMT[item])
+            data = f.read(n * size) if n * size <= size_of_file else b""
+            if len(data) != n * size:
+                raise MoteExportError(f"{path} is truncated: not a complete GGUF header")
+            return list(struct.unpack(f"<{n}{_FMT[item]}", data))
+
+        size_of_file = Path(path).stat().st_size
         if f.read(4) != b"GGUF":
             raise MoteExportError(f"{path} is not a GGUF file")
         try:
@@ -86,6 +99,10 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
                 key, vtype = string(), V(read("I"))
                 if vtype == V.STRING:
                     fields[key] = string()
+                elif vtype == V.ARRAY and key in arrays:
+                    item, n = V(read("I")), read("Q")
+                    fields[key + "#len"] = n
+                    fields[key] = array(item, n)
                 elif vtype == V.ARRAY:
                     pos = f.tell()
                     read("I")

@@ -21,6 +21,11 @@ What the qwen2moe graph cannot express directly is encoded exactly rather than r
     FFN width when dense layers also need it, as the width is one key for all layers).
 Routing matches MoTE: softmax over all experts, top-k, no renormalisation.
 A dense checkpoint (no "mote" entry) is written as plain `qwen2`, FFNs in --shared-type.
+
+Keys of our own, `mote.*` (ignored by llama.cpp, read by runtime_cpu's engine; _write_mote_kv): format
+version, variant, routing, top-k, MoE layers, layers with a real shared expert, the shared-expert gate
+rewrite to undo (x mote.shared_expert_scale = 0.5), the activation quantiser and every ternary matrix's
+exact fp32 scale (mote.ternary_scales).
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from .gguf_file import check_output, gguf_writer, write_tensors
 from .errors import MoteExportError
 from .gguf_vocab import add_vocab
 from .quantize import fitting_type, nbytes, parse_type, quantize_tensor
-from .ternary import Q2_0, QUANT_SIZES, TERNARY_TYPES, pack_ternary, ternary_form, ternary_gguf_type
+from .ternary import (EPS as TERNARY_EPS, Q2_0, QUANT_SIZES, TERNARY_TYPES, pack_ternary, ternary_form,
+                      ternary_gguf_type, ternary_scale)
 
 LLAMA_FTYPE_MOSTLY_Q2_0 = 41  # llama.h of llama-cpp-python 0.3.36; gguf-py 0.19's LlamaFileType lacks it
 SHEXP_GATE = np.float32(2.0 ** -64)
@@ -306,6 +312,45 @@ def _write_kv(wr: GGUFWriter, c: LLMConfig, name: str, routed: T | None, planner
         wr.add_expert_shared_feed_forward_length(planner.sh_ffn)
 
 
+MOTE_FORMAT_VERSION = 1
+SHEXP_GATE_TEXT = ("ffn_gate_inp_shexp is 2^-64 everywhere, so llama.cpp's sigmoid(ffn_gate_inp_shexp . x) is exactly 0.5, "
+                   "and ffn_down_shexp holds 2 x the shared expert's down_proj: an engine without that gate multiplies "
+                   "the shared expert's output by mote.shared_expert_scale (0.5) and ignores ffn_gate_inp_shexp")
+TERNARY_TEXT = ("routed experts ffn_{gate,up,down}_exps: codes in {-1,0,1} x one fp32 scale per matrix "
+                "(mote.ternary_scales; every nonzero block's d is fp16 of it); each input row (token) quantised to int8: "
+                "q = clip(round_half_even(x * (127 / max(max|x|, mote.activation_eps))), -128, 127), "
+                "y = (q . codes) * max(max|x|, eps) / 127 * scale")
+
+
+def _write_mote_kv(wr: GGUFWriter, c: LLMConfig, w: Weights, planner: _Planner) -> None:
+    """MoTE facts in keys of our own (llama.cpp ignores them; runtime_cpu's engine reads them, so it infers
+    nothing from tensor values): what the model is, how it routes, what the shared-expert rewrite did, and
+    the exact fp32 scale of every ternary matrix (the GGUF blocks hold its fp16 rounding). The scales take
+    one extra read of the routed expert weights, since keys are written before any tensor data."""
+    wr.add_uint32("mote.format_version", MOTE_FORMAT_VERSION)
+    wr.add_string("mote.variant", c.variant)
+    if c.variant == "dense":
+        return
+    wr.add_string("mote.routing", "softmax_topk_no_renorm")
+    wr.add_uint32("mote.expert_count", c.experts)
+    wr.add_uint32("mote.top_k", c.top_k)
+    wr.add_array("mote.moe_layers", [int(i) for i in c.moe_layers])
+    # per layer: do its ffn_*_shexp hold a real FFN (MoTE: its shared expert / a dense layer's FFN), or zero
+    # padding (MoE-LLaVA's MoE layers), which an engine may skip. A mask, as gguf-py writes no empty array.
+    wr.add_array("mote.layer_has_shared_expert", [c.variant == "mote" or i not in c.moe_layers for i in range(c.layers)])
+    wr.add_string("mote.shared_expert_gate", SHEXP_GATE_TEXT)
+    wr.add_float32("mote.shared_expert_scale", 0.5)
+    if c.variant != "mote":
+        return
+    wr.add_string("mote.ternary", TERNARY_TEXT)
+    wr.add_float32("mote.activation_eps", TERNARY_EPS)
+    wr.add_uint32("mote.activation_bits", 8)
+    # order: mote.moe_layers, then gate / up / down, then expert 0..E-1
+    scales = [float(ternary_scale(w.lm(f"layers.{i}.mlp.experts.{e}.{p}_proj.weight")))
+              for i in c.moe_layers for p in PROJS for e in range(c.experts)]
+    wr.add_array("mote.ternary_scales", scales)
+
+
 def write_llm_gguf(ckpt_dir: str | Path, out_path: str | Path, ternary_type: str | None = None,
                    shared_type: str = "f16", other_type: str = "f16", expert_type: str | None = None,
                    progress: bool = True, embedding_type: str | None = None) -> dict:
@@ -328,6 +373,7 @@ def write_llm_gguf(ckpt_dir: str | Path, out_path: str | Path, ternary_type: str
         planned = planner.plan()
         with gguf_writer(out, c.arch) as wr:
             _write_kv(wr, c, ckpt.resolve().name, routed, planner)
+            _write_mote_kv(wr, c, w, planner)
             vocab = add_vocab(wr, ckpt, c.vocab)
             write_tensors(wr, [(p.name, p.shape, p.qtype, p.nbytes) for p in planned], [p.make for p in planned],
                           progress=progress)

@@ -1,0 +1,140 @@
+"""What the mote engine keeps resident (mote-run --engine mote --memory-limit), planned from the two GGUF
+headers before anything is mapped. The same rules as the loader (llm.Loader, tested equal to what it did):
+
+  mapped     tensors used in place from the mapping: F32 tensors, and token_embd (rows read on demand)
+  repacked   copies made at load: ternary routed experts -> int8 codes (1 byte a weight; 4 with codes="f32"),
+             every other non-F32 float tensor -> float32 (4 bytes a weight); their mapped pages are dropped
+             after decoding (madvise), so the packed bytes are not held twice
+  untouched  zero padding the qwen2moe layout needs and this engine never reads (routers/experts of non-MoE
+             layers, MoE-LLaVA's zero shared experts, ffn_gate_inp_shexp): 0
+  transient  the largest tensor being decoded: its mapped bytes + its decoded temporary (float32, or int8
+             codes + their copy into the stacked gate/up matrix + three one-matrix temporaries)
+  kv cache   float32 keys and values: 2 x layers x n_ctx x kv_heads x head_dim x 4
+  compute    one prefill chunk of u = min(n_ctx, 512) tokens: 4 bytes x u x (4 x heads x n_ctx  attention
+             scores, mask, probabilities + 12 x hidden + 8 x widest FFN + widest K) + logits + the per-call
+             float32 code chunk (kernels.CAST_BYTES), and the vision tower: 4 x patches x (3 x patches x heads
+             + 12 x width + 3 x ffn + 3 x connector width); the sum times COMPUTE_MARGIN
+  runtime    interpreter, numpy, tokenizers, PIL, jinja2 (measured 45 MiB; counted RUNTIME_OVERHEAD)
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+
+from ..exporters.errors import MoteExportError
+from ..exporters.gguf_header import read_gguf_header
+from ..exporters.units import MIB, human
+from .kernels import CAST_BYTES
+from .llm import PREFILL_CHUNK
+from .llama_memory import default_n_ctx
+
+RUNTIME_OVERHEAD = 128 * MIB
+COMPUTE_MARGIN = 1.5
+_ARRAYS = ("mote.moe_layers", "mote.layer_has_shared_expert")
+
+
+def tensor_roles(fields: dict, names) -> dict:
+    """LLM tensor name -> "ternary" | "float" | "embedding" | "unused", as the loader treats it."""
+    variant = fields.get("mote.variant", "dense")
+    moe = {int(i) for i in fields.get("mote.moe_layers") or []}
+    shared = {i for i, has in enumerate(fields.get("mote.layer_has_shared_expert") or []) if has}
+    roles = {}
+    for name in names:
+        role = "float"
+        if name == "token_embd.weight":
+            role = "embedding"
+        elif name.startswith("blk.") and ("_exps." in name or "_shexp." in name or ".ffn_gate_inp." in name):
+            layer = int(name.split(".")[1])
+            if "ffn_gate_inp_shexp" in name:
+                role = "unused"
+            elif "_shexp." in name:
+                role = "float" if layer in shared else "unused"
+            elif layer not in moe:
+                role = "unused"
+            elif "_exps." in name and variant == "mote":
+                role = "ternary"
+        roles[name] = role
+    return roles
+
+
+def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None,
+                  codes_form: str = "int8") -> dict:
+    """The resident estimate (bytes, by part) of the mote engine for these files, from headers only."""
+    h = read_gguf_header(model_path, arrays=_ARRAYS)
+    f = h.fields
+    arch = f.get("general.architecture")
+
+    def key(name):
+        v = h.arch_key(name)
+        if v is None:
+            raise MoteExportError(f"{model_path}: no {arch}.{name}; not a model file the mote engine runs")
+        return int(v)
+
+    if n_ctx is None:
+        n_ctx = default_n_ctx(h)
+    tensors = {t.name: t for t in h.tensors}
+    roles = tensor_roles(f, tensors)
+    if "output.weight" not in tensors and "token_embd.weight" in tensors:
+        roles["token_embd.weight"] = "embedding+output"
+    mapped = repacked = transient = 0
+    widest_k = widest_ffn = 0
+    for name, t in tensors.items():
+        role, numel = roles[name], math.prod(t.dims)
+        if role == "unused":
+            continue
+        if role in ("embedding", "embedding+output"):
+            mapped += t.nbytes
+            if role == "embedding+output" and t.qtype != T.F32:
+                repacked += 4 * numel
+            continue
+        if len(t.dims) >= 2:
+            widest_k = max(widest_k, t.dims[0])
+            if "ffn" in name:
+                widest_ffn = max(widest_ffn, t.dims[0], t.dims[1])
+        matrix = t.dims[0] * (t.dims[1] if len(t.dims) > 1 else 1)
+        if role == "ternary":  # decoded codes + their copy into the stacked gate/up + one matrix's temporaries
+            repacked += numel * (4 if codes_form == "f32" else 1)
+            transient = max(transient, t.nbytes + 2 * numel + 3 * matrix)
+        elif t.qtype == T.F32:
+            mapped += t.nbytes
+        else:  # the decoded float32 temporary before it lands in its stacked (q/k/v, gate/up) array
+            repacked += 4 * numel
+            transient = max(transient, t.nbytes + 4 * numel)
+    hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    kv_heads = int(h.arch_key("attention.head_count_kv") or heads)
+    vocab = tensors["token_embd.weight"].dims[1] if "token_embd.weight" in tensors else 0
+    kv = 2 * layers * n_ctx * kv_heads * (hidden // heads) * 4
+    u = min(n_ctx, PREFILL_CHUNK)
+    compute = 4 * u * (4 * heads * n_ctx + 12 * hidden + 8 * widest_ffn + widest_k) + 4 * vocab + CAST_BYTES
+    if mmproj_path is not None:
+        m = read_gguf_header(mmproj_path)
+        mf = m.fields
+        try:
+            n = (int(mf["clip.vision.image_size"]) // int(mf["clip.vision.patch_size"])) ** 2
+            width, vheads = int(mf["clip.vision.embedding_length"]), int(mf["clip.vision.attention.head_count"])
+            vffn = int(mf["clip.vision.feed_forward_length"])
+        except KeyError as exc:
+            raise MoteExportError(f"{mmproj_path}: no {exc.args[0]}; not an mmproj file") from None
+        conn = max((t.dims[1] for t in m.tensors if t.name == "mm.0.weight"), default=hidden)
+        compute += 4 * n * (3 * n * vheads + 12 * width + 3 * vffn + 3 * conn + hidden)
+        for t in m.tensors:
+            numel = math.prod(t.dims)
+            if t.qtype == T.F32:
+                mapped += t.nbytes
+            else:
+                repacked += 4 * numel
+                transient = max(transient, t.nbytes + 3 * numel)
+    compute = int(compute * COMPUTE_MARGIN)
+    total = mapped + repacked + transient + kv + compute + RUNTIME_OVERHEAD
+    return {"n_ctx": n_ctx, "weights_bytes": mapped + repacked, "mapped_bytes": mapped, "repack_bytes": repacked,
+            "transient_bytes": transient, "kv_cache_bytes": kv, "compute_bytes": compute,
+            "runtime_bytes": RUNTIME_OVERHEAD, "total_bytes": total}
+
+
+def format_resident(e: dict) -> str:
+    return (f"{human(e['total_bytes'])} = mapped weights {human(e['mapped_bytes'])} + repacked copies "
+            f"{human(e['repack_bytes'])} + load transient {human(e['transient_bytes'])} + KV cache "
+            f"{human(e['kv_cache_bytes'])} (n_ctx {e['n_ctx']}, f32) + compute {human(e['compute_bytes'])} "
+            f"+ runtime {human(e['runtime_bytes'])}")
