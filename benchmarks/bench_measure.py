@@ -168,14 +168,9 @@ def memory_bandwidth(procs: int, nbytes: int = 512 * MIB, rounds: int = 6) -> di
 # ---- the model child -------------------------------------------------------------------------------------
 
 def _proc_status() -> dict:
-    """VmHWM / VmRSS / RssAnon / RssFile of this process in bytes (Linux), else ru_maxrss as the peak."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile") if k in fields}
-    except OSError:
-        from ..runtime_cpu.memory import peak_rss_mib
+    from ..runtime_cpu.memory import process_memory
 
-        return {"VmHWM": int(peak_rss_mib() * MIB)}
+    return process_memory()
 
 
 class _TimedMtmd:

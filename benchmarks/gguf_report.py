@@ -109,7 +109,8 @@ def part_parity(threads: int) -> dict:
     from mote_edge.checkpoint import load_model
     from mote_edge.data import load_records, to_messages
     from mote_edge.evaluate import accuracy, generate_answers
-    from mote_edge.runtime_cpu.llama_engine import evaluate_gguf, llama, normalize_answer
+    from mote_edge.runtime_cpu.llama_engine import evaluate_gguf, llama
+    from mote_edge.runtime_cpu.records import normalize_answer
 
     ckpt, data = TINY / "mote", TINY / "data"
     records, model, proc = load_records(data / "test.json"), load_model(ckpt), AutoProcessor.from_pretrained(str(ckpt))

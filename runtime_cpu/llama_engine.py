@@ -10,11 +10,7 @@ import base64
 import contextlib
 import ctypes
 import io
-import json
-import string
-import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +18,13 @@ import numpy as np
 from ..exporters.errors import MoteExportError
 from ..exporters.gguf_file import mmproj_path
 from ..exporters.gguf_header import read_gguf_header
+from .images import load_rgb
+from .records import IMAGE_PLACEHOLDER, evaluate_records, read_records
 from .llama_memory import amx_in_build, default_n_ctx, format_resident, gguf_resident
 
-IMAGE_PLACEHOLDER = "<image>"  # what LLaVA chat templates (ours included) emit for an image part
 # Greedy decoding exactly as transformers' generate(do_sample=False): llama-cpp-python's chat
 # default repeat_penalty is 1.1, which would change answers.
 GREEDY = dict(temperature=0.0, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0)
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def normalize_answer(text: str) -> str:
-    """Exact-match canonical form; the same as mote_edge.tokenizer.normalize_answer (which imports torch)."""
-    return " ".join(text.strip().lower().split()).rstrip(string.punctuation).rstrip()
 
 
 def _llama_cpp():
@@ -154,13 +145,7 @@ def image_data_uri(path: str | Path, size: int) -> str:
     processor); decoded by PIL so what llama.cpp sees equals what transformers saw."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise MoteExportError(f"cannot read image {str(path)!r} ({exc})") from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    img = Image.fromarray(load_rgb(path, size))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -211,44 +196,15 @@ def image_embeddings(llm, image_path: str | Path) -> np.ndarray:
         mt.mtmd_bitmap_free(bitmap)
 
 
-def _question_and_answer(record: dict) -> tuple[str, str]:
-    """(question, expected answer) of a single-turn LLaVA record: the human turn minus "<image>\\n"."""
-    try:
-        turns = [(ROLES[t["from"]], t["value"]) for t in record["conversations"]]
-    except (KeyError, TypeError):
-        raise MoteExportError(f"record {record.get('id', '?')}: conversations must be "
-                              "[{'from': 'human'|'gpt', 'value': ...}] (LLaVA format)") from None
-    users = [v for r, v in turns if r == "user"]
-    if not turns or turns[-1][0] != "assistant" or not users:
-        raise MoteExportError(f"record {record.get('id', '?')} does not end with an answer to a question")
-    return users[-1].removeprefix(IMAGE_PLACEHOLDER).lstrip("\n"), turns[-1][1]
-
-
 def evaluate_gguf(gguf_path: str | Path, data_json: str | Path, images_dir: str | Path,
                   limit: int | None = None, mmproj: str | Path | None = None,
                   n_threads: int | None = None, max_tokens: int = 8, progress: bool = False) -> dict:
     """Held-out exact-match accuracy (%) of an exported model, overall and per question_type, with
     the answers; the same scoring as mote_edge.evaluate.accuracy."""
-    data, images = Path(data_json), Path(images_dir)
-    try:
-        records = json.loads(data.read_text())[:limit]
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise MoteExportError(f"cannot read LLaVA records from {str(data)!r} ({exc})") from None
+    records = read_records(data_json, limit)
     llm = load(gguf_path, mmproj, n_threads=n_threads)
-    hits, counts, answers = defaultdict(int), defaultdict(int), []
-    for i, r in enumerate(records):
-        question, expected = _question_and_answer(r)
-        if not r.get("image"):
-            raise MoteExportError(f"record {r.get('id', '?')} names no image; accepted: image question records")
-        got = answer(llm, images / r["image"], question, max_tokens)
-        answers.append(got)
-        ok = normalize_answer(got) == normalize_answer(expected)
-        for key in {r.get("question_type", "all"), "overall"}:
-            hits[key] += ok
-            counts[key] += 1
-        if progress and (i + 1) % 50 == 0:
-            print(f"{i + 1}/{len(records)}", file=sys.stderr)
-    return {k: 100.0 * hits[k] / counts[k] for k in counts} | {"n": counts["overall"], "answers": answers}
+    return evaluate_records(lambda image, question: answer(llm, image, question, max_tokens), records, images_dir,
+                            progress)
 
 
 def decode_tokens_per_s(llm, n_tokens: int = 64, prompt: str = "How many shapes are there?") -> float:

@@ -17,7 +17,7 @@ from gguf.quants import dequantize
 from mote_edge.checkpoint import save_model
 from mote_edge.exporters.errors import MoteExportError
 from mote_edge.exporters.gguf_mmproj import feature_layers, image_normalization, write_mmproj
-from mote_edge.runtime_cpu.llama_engine import normalize_answer
+from mote_edge.runtime_cpu.records import normalize_answer
 from mote_edge.exporters.safetensors_np import SafetensorsFile
 from mote_edge.tiny import ASSETS
 from mote_edge.tokenizer import normalize_answer as torch_side_normalize
