@@ -84,6 +84,17 @@ def test_torch_side_commands_name_their_extra(base_venv, command, tmp_path):
     assert err[0].startswith(f"error: {command} needs torch") and f"mote-edge[{TORCH_SIDE[command]}]" in err[0]
 
 
+def test_base_install_runs_our_own_engine(base_venv, tmp_path):
+    """mote-run --engine mote needs nothing beyond the base install: export, then answer, without torch."""
+    out = tmp_path / "tiny.gguf"
+    assert _run(base_venv, "mote-export", TINY / "mote", "-o", out, "--quiet").returncode == 0
+    image = next((TINY / "data" / "images").iterdir())
+    r = _run(base_venv, "mote-run", out, "--engine", "mote", "--image", image, "--prompt", "What colour is the square?",
+             "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() and "time to first token" in r.stderr and "peak RSS" in r.stderr
+
+
 def test_llama_engine_without_llama_cpp_says_which_extra(base_venv, tmp_path):
     out = tmp_path / "tiny.gguf"
     assert _run(base_venv, "mote-export", TINY / "mote", "-o", out, "--quiet").returncode == 0
