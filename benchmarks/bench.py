@@ -1,16 +1,17 @@
 """mote-bench: MoTE against MoE-LLaVA and the dense model on this machine's CPU, side by side, through
-one or more engines on the same files (`--engines`, llama.cpp today).
+one or more engines on the same files (`--engines llama.cpp,mote`: llama.cpp and our numpy engine).
 
     mote-bench --preset tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-3b [--models LIST] [--out DIR]
     mote-bench MODEL.gguf [MODEL.gguf ...] [--mmproj PATH] [--out DIR]
         [--threads N] [--repeats N] [--warmup N] [--n-gen N] [--seed S] [--image PNG] [--prompt TEXT]
         [--cache DIR] [--jobs N] [--vision-layers N] [--other-type T] [--keep-checkpoints]
-        [--engines llama.cpp[,...]]
+        [--engines llama.cpp,mote]
 
 With a preset, random-weight checkpoints of that shape are written (benchmarks/random_ckpt.py) and
 exported with mote-export's own writer into one GGUF per model, cached in --cache and reused;
 each checkpoint is deleted once its GGUFs exist (they are cheap to rewrite and large). Every
-model is then measured in its own process (benchmarks/bench_measure.py), with the machine's memory
+model is then measured with each engine in its own process (benchmarks/bench_measure.py for
+llama.cpp, benchmarks/bench_measure_mote.py for the mote engine), with the machine's memory
 bandwidth measured in the same run for the roofline; results go to DIR/bench.json, DIR/bench.md
 and two PNG plots (benchmarks/bench_report.py).
 """
@@ -254,17 +255,23 @@ def stage_order(p, todo: list[ModelSpec]) -> list[str]:
 
 def stale_routed_types(path: Path, spec: ModelSpec) -> bool:
     """Whether a cached MoTE file's routed experts are in other types than mote-export writes today (e.g.
-    the exact Q4_0 fallback older exporters wrote for 896-wide rows, now Q2_0), or the file is unreadable:
-    such a file is rebuilt rather than measured."""
-    if spec.variant != "mote":
+    the exact Q4_0 fallback older exporters wrote for 896-wide rows, now Q2_0), a cached MoTE / MoE-LLaVA
+    file lacks the mote.* keys (older exporters; the mote engine refuses such qwen2moe files), or the
+    file is unreadable: such a file is rebuilt rather than measured."""
+    if spec.variant == "dense":
         return False
     from ..exporters.gguf_header import read_gguf_header
     from ..exporters.ternary import TERNARY_TYPES, ternary_gguf_type
 
     try:
-        tensors = read_gguf_header(path).tensors
+        h = read_gguf_header(path)
     except MoteExportError:
         return True
+    if h.fields.get("mote.variant") != spec.variant:
+        return True
+    if spec.variant != "mote":
+        return False
+    tensors = h.tensors
     want = TERNARY_TYPES[spec.ternary]
     return any(t.qtype != ternary_gguf_type(want, t.dims[0]) for t in tensors if t.name.endswith("_exps.weight"))
 
@@ -312,7 +319,8 @@ def _default_image() -> tuple[Path, str]:
 
 # engine name (mote-run --engine) -> the module measuring one model with it, run as a child process:
 # `python -m MODULE ARGS.json OUT.json` (bench_measure's protocol)
-ENGINE_CHILDREN = {"llama.cpp": "mote_edge.benchmarks.bench_measure"}
+ENGINE_CHILDREN = {"llama.cpp": "mote_edge.benchmarks.bench_measure",
+                   "mote": "mote_edge.benchmarks.bench_measure_mote"}
 
 
 def parse_engines(text: str) -> list[str]:
@@ -389,7 +397,8 @@ def main(argv=None):
     p.add_argument("--out", default="mote-bench-out", help="report folder (created; its parent must exist)")
     p.add_argument("--mmproj", help="projector for a single GGUF file (default <stem>-mmproj.gguf)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count(), help="llama.cpp threads and bandwidth processes (default: all cores)")
+                   else os.cpu_count(), help="engine threads (llama.cpp's; the mote engine's BLAS) and bandwidth processes "
+                   "(default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per model (min / median / max; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes per model first, each one image "
                    "encode, a 64-token prefill and 4 decode steps: the whole model paged in (default 1)")

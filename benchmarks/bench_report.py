@@ -16,6 +16,7 @@ TIMED = ("encode_s", "ttft_s", "prefill_tok_s", "decode_tok_s")
 # DESIGN.md 1: expert memory (shared + routed, all layers, GiB), paper: MoE-LLaVA 4 x BF16 / MoTE BF16 + 2-bit
 PAPER_GIB = {"qwen2.5-0.5b": (2.3, 0.9), "qwen2.5-1.5b": (8.6, 3.2), "qwen2.5-3b": (18.1, 6.8)}
 COLORS = {"mote": "tab:blue", "moe-llava": "tab:orange", "dense": "tab:gray", None: "tab:green"}
+MARKERS = {"llama.cpp": "o", "mote": "s"}  # engine -> marker in the memory / decode plot
 
 
 def summarize(report: dict) -> None:
@@ -66,6 +67,11 @@ def markdown(r: dict) -> str:
     if cached:
         lines.append(f"Note: {', '.join(cached)} read(s) less per token than the {l3 / MIB:.0f} MiB last-level "
                      "cache holds: the DRAM roofline does not bound them.")
+    if "mote" in s.get("engines", []):
+        lines.append("Note: the roofline bound of every row is the GGUF file's bytes read per token, as llama.cpp reads "
+                     "them in place; the mote engine repacks some tensors at load (e.g. ternary experts into int8 "
+                     "codes: `engine_report.repacked_by` in bench.json), so its per-token reads, and its true "
+                     "bound, differ: its decode / bound compares it with the same file's bound.")
     lines += ["", f"## Speed ({', '.join(s.get('engines', ['llama.cpp']))}, CPU)", "",
               "| model | vision encode s | time to first token s (image) | prefill tok/s | decode tok/s "
               "| roofline bound tok/s | decode / bound |", "|---|---|---|---|---|---|---|"]
@@ -134,7 +140,8 @@ def plots(r: dict, out: Path) -> list[Path]:
     for m in ms:
         d = m["stats"]["decode_tok_s"]
         x = m["rss_peak"] / GIB
-        ax.errorbar(x, d["median"], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]], fmt="o",
+        ax.errorbar(x, d["median"], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]],
+                    fmt=MARKERS.get(m.get("engine"), "o"),
                     color=COLORS[_family(m)], capsize=3)
         points.append((m["name"], x, d["median"]))
     for name, x, y, dy in _label_offsets(ax, points):
@@ -142,6 +149,10 @@ def plots(r: dict, out: Path) -> list[Path]:
     for fam, color in COLORS.items():
         if any(_family(m) == fam for m in ms):
             ax.scatter([], [], color=color, label=fam or "GGUF file")
+    engines = r["settings"].get("engines", ["llama.cpp"])
+    if len(engines) > 1:
+        for e in engines:
+            ax.scatter([], [], color="black", marker=MARKERS.get(e, "o"), label=f"engine {e}")
     ax.set_xlabel("peak RSS while generating (GiB)")
     ax.set_ylabel("decode tokens/s (median, min-max)")
     ax.set_title(f"Memory vs decode speed ({r['preset'] or 'GGUF files'}, {r['settings']['threads']} threads)")
@@ -151,8 +162,9 @@ def plots(r: dict, out: Path) -> list[Path]:
     p1 = out / "memory_vs_decode.png"
     _save(fig, p1)
 
+    ms = list({m.get("model", m["name"]): m for m in ms}.values())  # one bar per file, whatever the engines
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(ms) + 1.5))
-    names = [m["name"] for m in ms][::-1]
+    names = [m.get("model", m["name"]) for m in ms][::-1]
     shared = [(m["group_bytes"].get("shared", 0) + m["group_bytes"].get("ffn", 0)) / MIB for m in ms][::-1]
     routed = [m["group_bytes"].get("routed", 0) / MIB for m in ms][::-1]
     ax.barh(names, shared, color="tab:gray", label="shared expert / dense FFN")

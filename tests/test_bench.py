@@ -239,3 +239,58 @@ def test_plot_labels_of_coinciding_points_do_not_overlap():
     assert abs(offsets["a-long-name"] - offsets["b-long-name"]) >= 10  # one line apart at least
     assert offsets["c"] == 4  # a lone point keeps the default place
     plt.close(fig)
+
+
+def test_mote_bench_both_engines_side_by_side(tmp_path):
+    """--engines mote,llama.cpp: every model measured by both engines on the same file, one row each."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("matplotlib")
+    import contextlib
+    import io
+
+    out, cache, printed = tmp_path / "out", tmp_path / "cache", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.main(["--preset", "tiny", "--models", "mote-tq2_0-bf16,dense", "--cache", str(cache), "--out", str(out),
+                    "--engines", "mote,llama.cpp", "--repeats", "1", "--warmup", "0", "--n-gen", "4", "--threads", "2"])
+    r = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+    assert r["settings"]["engines"] == ["mote", "llama.cpp"] and "## Speed (mote, llama.cpp, CPU)" in md
+    rows = {(m["model"], m["engine"]): m for m in r["models"]}
+    assert list(rows) == [(n, e) for n in ("mote-tq2_0-bf16", "dense-bf16") for e in ("mote", "llama.cpp")]
+    for (name, engine), m in rows.items():
+        assert m["name"] == f"{name} [{engine}]" and f"| {name} [{engine}] |" in md
+        assert len(m["rounds"]) == 1
+        x = m["rounds"][0]
+        assert x["decode_tok_s"] > 0 and x["prefill_tok_s"] > 0 and x["image_tokens"] == 36
+        assert 0 <= x["encode_s"] < x["ttft_s"] and x["prompt_tokens"] > 36
+        assert 0 < m["rss_load"] <= m["rss_peak"] and m["n_ctx"] > x["prompt_tokens"]
+        assert m["roofline_tok_s"] > 0 and m["decode_fraction_of_bound"] > 0
+        assert m["path"] == rows[(name, "llama.cpp")]["path"]  # the same file for both engines
+    # both engines see the same prompt: the chat template, the image's 36 positions, the question
+    for name in ("mote-tq2_0-bf16", "dense-bf16"):
+        assert rows[(name, "mote")]["rounds"][0]["prompt_tokens"] == rows[(name, "llama.cpp")]["rounds"][0]["prompt_tokens"]
+    assert rows[("mote-tq2_0-bf16", "mote")]["engine_report"]["variant"] == "mote"
+    assert "repacks some tensors at load" in md
+    for png in ("memory_vs_decode.png", "expert_memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, spec in (("mote-tq2_0-bf16", bench.MODELS["mote-tq2_0-bf16"]), ("dense-bf16", bench.MODELS["dense-bf16"])):
+        assert not bench.stale_routed_types(Path(rows[(name, "mote")]["path"]), spec)  # fresh files have mote.*
+
+
+def test_cached_moe_file_without_mote_keys_is_rebuilt(tmp_path):
+    """An older mote-export's qwen2moe file (no mote.* keys: the mote engine refuses it) is stale for
+    mote-bench's cache, as a file with outdated routed types is; a dense qwen2 file needs no keys."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "old.gguf"
+    w = GGUFWriter(str(path), "qwen2moe")
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 64, 256), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for model in ("mote-tq2_0-bf16", "moe-llava-f16"):
+        assert bench.stale_routed_types(path, bench.MODELS[model])
+    assert not bench.stale_routed_types(path, bench.MODELS["dense-bf16"])
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    assert bench.stale_routed_types(tmp_path / "bad.gguf", bench.MODELS["moe-llava-f16"])
