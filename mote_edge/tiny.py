@@ -1,14 +1,20 @@
 """The tiny multimodal recipe: synthetic shapes task -> BPE tokenizer -> tiny dense SigLIP + MLP +
 Qwen2 model trained from scratch (dense stage) -> up-cycled to MoTE (4 ternary experts, top-1,
-init from the FFN) -> moe stage -> held-out accuracy of both. About 20 minutes on 2 CPU cores.
+init from the FFN) -> moe stage -> held-out accuracy of both.
 
-    mote-make-tiny WORK_DIR [--install]     (--install copies the results into the package assets)
+    mote-make-tiny WORK_DIR [--install [--force]]   (--install copies the results into the package assets)
+
+The recipe (data sizes, epochs, learning rates, weight decay, batch, seed) is recipe.json beside the
+embedded checkpoints: it is the one source of the command's defaults, and --install writes the recipe
+actually used there together with the checkpoints, so it always describes what is embedded.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +29,18 @@ from .train import TrainConfig, train
 from .upcycle import upcycle
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
+RECIPE_FILE = "recipe.json"
+
+
+def load_recipe(path: Path = ASSETS / RECIPE_FILE) -> dict:
+    """The recipe recorded beside a set of tiny checkpoints (the embedded ones by default)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MoteError(f"{str(path)!r} does not exist: no recipe recorded there") from None
+
+
+RECIPE = load_recipe()
 
 # LLM widths are multiples of 256 so the GGUF ternary block types (256 weights a block) apply.
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -59,13 +77,37 @@ def build_dense(tokenizer, seed: int = 0, vision: dict | None = None, text: dict
     return model
 
 
-def make_tiny(work: Path, n_train: int = 6000, dense_epochs: float = 3.0, moe_epochs: float = 1.0,
-              dense_lr: float = 1e-3, moe_lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> dict:
+def resolve_recipe(**overrides) -> dict:
+    """The embedded recipe with some of its entries replaced; unknown names are an error."""
+    unknown = sorted(set(overrides) - set(RECIPE))
+    if unknown:
+        raise MoteError(f"unknown recipe entries {unknown}; the recipe has {sorted(RECIPE)}")
+    return {k: type(v)(overrides[k]) if k in overrides and overrides[k] is not None else v
+            for k, v in RECIPE.items()}
+
+
+def _dataset(data: Path, recipe: dict) -> None:
+    """Generate the splits, unless data/ already holds exactly the recipe's (same sizes and seed)."""
+    want = {k: recipe[k] for k in ("n_train", "n_val", "n_test", "seed")}
+    meta = data / "dataset.json"
+    if (data / "test.json").is_file() and meta.is_file() and json.loads(meta.read_text()) == want:
+        return
+    shutil.rmtree(data, ignore_errors=True)
+    make_dataset(data, n_train=want["n_train"], n_val=want["n_val"], n_test=want["n_test"], seed=want["seed"])
+    meta.write_text(json.dumps(want, indent=1))
+
+
+def make_tiny(work: Path, **overrides) -> dict:
+    """Run the recipe (recipe.json's entries, any of them replaced by keyword) in `work`; writes the
+    checkpoints, work/recipe.json (the recipe used) and work/results.json (fp32 held-out accuracy)."""
+    recipe = resolve_recipe(**overrides)
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    (work / RECIPE_FILE).unlink(missing_ok=True)  # written again once the run finishes
     t0 = time.perf_counter()
+    seed, batch_size = recipe["seed"], recipe["batch_size"]
     data = work / "data"
-    if not (data / "test.json").is_file():
-        make_dataset(data, n_train=n_train, n_val=300, n_test=300, seed=seed)
+    _dataset(data, recipe)
     tokenizer = train_tokenizer(corpus_texts())
     processor = build_processor(tokenizer, image_size=VISION["image_size"], patch_size=VISION["patch_size"])
 
@@ -75,15 +117,16 @@ def make_tiny(work: Path, n_train: int = 6000, dense_epochs: float = 3.0, moe_ep
     processor.save_pretrained(str(init))
 
     common = dict(data=data / "train.json", images=data / "images", processor=processor)
-    dense_cfg = TrainConfig(stage="dense", epochs=dense_epochs, batch_size=batch_size, lr=dense_lr,
-                            weight_decay=0.0, train_vision=True, seed=seed)
+    dense_cfg = TrainConfig(stage="dense", epochs=recipe["dense_epochs"], batch_size=batch_size, lr=recipe["dense_lr"],
+                            weight_decay=recipe["dense_weight_decay"], train_vision=recipe["dense_train_vision"],
+                            seed=seed)
     shutil.rmtree(work / "dense", ignore_errors=True)
     train(init, out_dir=work / "dense", cfg=dense_cfg, **common)
 
     upcycle(work / "dense", work / "mote-init", experts=4, top_k=1, layers="all", init="ffn",
             variant="mote", seed=seed, overwrite=True)
-    moe_cfg = TrainConfig(stage="moe", epochs=moe_epochs, batch_size=batch_size, lr=moe_lr,
-                          weight_decay=0.1, seed=seed)
+    moe_cfg = TrainConfig(stage="moe", epochs=recipe["moe_epochs"], batch_size=batch_size, lr=recipe["moe_lr"],
+                          weight_decay=recipe["moe_weight_decay"], seed=seed)
     shutil.rmtree(work / "mote", ignore_errors=True)
     train(work / "mote-init", out_dir=work / "mote", cfg=moe_cfg, **common)
 
@@ -93,51 +136,109 @@ def make_tiny(work: Path, n_train: int = 6000, dense_epochs: float = 3.0, moe_ep
         print(format_accuracy(name, acc))
         results[name] = {k: v for k, v in acc.items() if k != "answers"}
     (work / "results.json").write_text(json.dumps(results, indent=1))
+    (work / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
     return results
 
 
-def install_assets(work: Path, dest: Path = ASSETS) -> dict:
-    """Copy the two checkpoints (stored in bf16 to keep the package small) and the held-out test
-    split into the package as the embedded default, then re-measure accuracy on exactly the
-    stored files: those are the figures results.json and the README report."""
+def _lower_than_embedded(new: dict, old: dict) -> str | None:
+    """One line naming both scores if dense or MoTE scores lower than before, else None."""
+    names = {"dense": "dense", "mote": "MoTE"}
+    if all(new[k]["overall"] >= old[k]["overall"] for k in names):
+        return None
+    scores = ", ".join(f"{label} {new[k]['overall']:.1f}% vs {old[k]['overall']:.1f}%" for k, label in names.items())
+    n = new["mote"]["n"], old["mote"]["n"]
+    on = f"the {n[0]}" if n[0] == n[1] else f"{n[0]} vs {n[1]}"
+    return f"the new checkpoints score lower than the embedded ones ({scores} on {on} held-out questions, as stored in bf16)"
+
+
+def install_assets(work: Path, dest: Path = ASSETS, force: bool = False) -> dict:
+    """Copy the two checkpoints (stored in bf16 to keep the package small), the held-out test split
+    and the recipe used into `dest` as the embedded default, re-measuring accuracy on exactly the
+    stored files: those are the figures results.json and the README report.
+
+    Everything is built in a temporary sibling of `dest` and renamed into place at the end. If dest
+    already holds checkpoints that score higher (dense or MoTE, on what is stored), nothing in dest
+    changes and MoteError says so, unless `force`."""
     from .checkpoint import load_model
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "data" / "images").mkdir(parents=True)
-    test = json.loads((work / "data" / "test.json").read_text())
-    shutil.copy2(work / "data" / "test.json", dest / "data" / "test.json")
-    for r in test:
-        shutil.copy2(work / "data" / "images" / r["image"], dest / "data" / "images" / r["image"])
-    results = json.loads((work / "results.json").read_text())
-    for name in ("dense", "mote"):
-        save_model(load_model(work / name), dest / name, side_files_from=work / name, dtype=torch.bfloat16)
-        acc = evaluate(dest / name, dest / "data" / "test.json", dest / "data" / "images")
-        print(format_accuracy(f"{name} (stored bf16)", acc))
-        results[f"{name}_fp32"] = results[name]
-        results[name] = {k: v for k, v in acc.items() if k != "answers"}
-    (dest / "results.json").write_text(json.dumps(results, indent=1))
+    work, dest = Path(work), Path(dest)
+    for need in ("dense", "mote", "data/test.json", "results.json", RECIPE_FILE):
+        if not (work / need).exists():
+            raise MoteError(f"{str(work / need)!r} does not exist: build {str(work)!r} with mote-make-tiny first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage, old = (dest.with_name(f".{dest.name}.{kind}-{os.getpid()}") for kind in ("new", "old"))
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        (stage / "data" / "images").mkdir(parents=True)
+        test = json.loads((work / "data" / "test.json").read_text())
+        shutil.copy2(work / "data" / "test.json", stage / "data" / "test.json")
+        for r in test:
+            shutil.copy2(work / "data" / "images" / r["image"], stage / "data" / "images" / r["image"])
+        shutil.copy2(work / RECIPE_FILE, stage / RECIPE_FILE)
+        results = json.loads((work / "results.json").read_text())
+        for name in ("dense", "mote"):
+            save_model(load_model(work / name), stage / name, side_files_from=work / name, dtype=torch.bfloat16)
+            acc = evaluate(stage / name, stage / "data" / "test.json", stage / "data" / "images", progress=False)
+            print(format_accuracy(f"{name} (stored bf16)", acc))
+            results[f"{name}_fp32"] = results[name]
+            results[name] = {k: v for k, v in acc.items() if k != "answers"}
+        (stage / "results.json").write_text(json.dumps(results, indent=1))
+        if (dest / "results.json").is_file():
+            lower = _lower_than_embedded(results, json.loads((dest / "results.json").read_text()))
+            if lower and not force:
+                raise MoteError(f"{lower}; {str(dest)!r} left unchanged, --force replaces them anyway")
+            if lower:
+                print(f"warning: {lower}; replacing them (--force)", file=sys.stderr)
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            try:
+                stage.rename(dest)
+            except BaseException:
+                old.rename(dest)
+                raise
+            shutil.rmtree(old)
+        else:
+            stage.rename(dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already once renamed into place
     return results
+
+
+# command-line option -> recipe entry; the defaults are the embedded recipe's values
+OPTIONS = {"--train": "n_train", "--val": "n_val", "--test": "n_test",
+           "--dense-epochs": "dense_epochs", "--dense-lr": "dense_lr", "--dense-weight-decay": "dense_weight_decay",
+           "--dense-train-vision": "dense_train_vision",
+           "--moe-epochs": "moe_epochs", "--moe-lr": "moe_lr", "--moe-weight-decay": "moe_weight_decay",
+           "--batch-size": "batch_size", "--seed": "seed"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mote-make-tiny", description="Build the tiny dense and MoTE checkpoints. "
+                                f"Defaults: the recipe of the embedded ones ({ASSETS / RECIPE_FILE}).")
+    p.add_argument("work_dir")
+    for flag, key in OPTIONS.items():
+        default = RECIPE[key]
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(flag, dest=key, type=type(default), default=default, help=f"default {default}")
+    p.add_argument("--install", action="store_true", help=f"copy the results into {ASSETS}")
+    p.add_argument("--force", action="store_true",
+                   help="with --install: replace the embedded checkpoints even if the new ones score lower")
+    return p
 
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-make-tiny", description="Build the tiny dense and MoTE checkpoints.")
-    p.add_argument("work_dir")
-    p.add_argument("--train", type=int, default=6000, help="training questions")
-    p.add_argument("--dense-epochs", type=float, default=3.0)
-    p.add_argument("--moe-epochs", type=float, default=1.0)
-    p.add_argument("--dense-lr", type=float, default=1e-3)
-    p.add_argument("--moe-lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--install", action="store_true", help=f"copy the results into {ASSETS}")
-    a = p.parse_args(argv)
+    a = parser().parse_args(argv)
     work = Path(a.work_dir)
     if not work.parent.exists():
         raise MoteError(f"parent of {str(work)!r} does not exist")
-    r = make_tiny(work, a.train, a.dense_epochs, a.moe_epochs, a.dense_lr, a.moe_lr, a.batch_size, a.seed)
+    if a.force and not a.install:
+        raise MoteError("--force only applies with --install")
+    r = make_tiny(work, **{key: getattr(a, key) for key in OPTIONS.values()})
     print(json.dumps(r, indent=1))
     if a.install:
-        install_assets(work)
+        install_assets(work, ASSETS, force=a.force)
         print(f"installed into {ASSETS}")
