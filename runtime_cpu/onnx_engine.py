@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporters.errors import MoteExportError
+from .chat_template import render_chat
 from .images import BICUBIC, load_rgb
 from .records import IMAGE_PLACEHOLDER, evaluate_records, read_records
 from .sampling import sample
@@ -142,23 +143,6 @@ def _chat_template(folder: Path) -> str:
                           "tokenizer_config.json); export the folder again from a checkpoint that has one")
 
 
-def _render(template: str, messages: list[dict], special: dict) -> str:
-    """The chat template rendered as transformers renders it (sandboxed jinja2, trim/lstrip blocks)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise jinja2.exceptions.TemplateError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
-    except jinja2.exceptions.TemplateError as exc:
-        raise MoteExportError(f"the chat template failed to render ({exc})") from None
-
-
 def _processor(folder: Path) -> dict:
     for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
         if (folder / name).is_file():
@@ -236,7 +220,7 @@ class Session:
         placeholder expanded to the image tokens."""
         question = question.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        text = _render(self.template, messages, self.special)
+        text = render_chat(self.template, messages, **self.special)
         if text.count(self.image_token) != 1:
             raise MoteExportError(f"the chat template placed {text.count(self.image_token)} '{self.image_token}' for "
                                   "1 image; expected a LLaVA template that prints it for each image part")

@@ -14,6 +14,7 @@ from gguf import TokenType
 
 from ..exporters.errors import MoteExportError
 from ..exporters.gguf_vocab import QWEN2_SPLIT_REGEX
+from .chat_template import render_chat
 from .gguf_model import GGUFModel
 
 # control tokens that end a turn, as llama.cpp's end-of-generation set adds them by their text
@@ -70,19 +71,8 @@ class GGUFTokenizer:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.template:
             raise MoteExportError("the GGUF has no tokenizer.chat_template; re-export it with mote-export")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise MoteExportError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                         bos_token=self.bos_text, eos_token=self.eos_text)
-        except jinja2.TemplateError as exc:
-            raise MoteExportError(f"the GGUF's chat template does not render ({exc})") from None
+        return render_chat(self.template, messages, add_generation_prompt, bos_token=self.bos_text,
+                           eos_token=self.eos_text)
 
 
 class StreamDecoder:
