@@ -8,12 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> the package it installs as (pyproject's package-dir)
 PARTS = {"mote_edge": "mote_edge", "exporters": "mote_edge.exporters", "runtime_cpu": "mote_edge.runtime_cpu",
-         "benchmarks": "mote_edge.benchmarks"}
+         "cuda_kernels": "mote_edge.cuda_kernels", "benchmarks": "mote_edge.benchmarks"}
 # part -> the parts it may import from. The core trains and demos (it uses the exporters' formats and
-# the runtimes); the runtimes read the exporters' files with the exporters' readers; the exporters import
-# no other part; benchmarks measure them all.
-ALLOWED = {"core": {"core", "exporters", "runtime_cpu"}, "exporters": {"exporters"},
-           "runtime_cpu": {"runtime_cpu", "exporters"}, "benchmarks": {"benchmarks", "exporters", "runtime_cpu", "core"}}
+# the runtimes, and the GPU kernels when training on CUDA); the runtimes read the exporters' files with the
+# exporters' readers; the GPU path reads the same files and reuses the CPU runtime's torch-free front parts
+# (tokenizer, chat template, images), never the core; the exporters import no other part; benchmarks
+# measure them all.
+ALLOWED = {"core": {"core", "exporters", "runtime_cpu", "cuda_kernels"}, "exporters": {"exporters"},
+           "runtime_cpu": {"runtime_cpu", "exporters"}, "cuda_kernels": {"cuda_kernels", "runtime_cpu", "exporters"},
+           "benchmarks": {"benchmarks", "exporters", "runtime_cpu", "cuda_kernels", "core"}}
 
 
 def _modules() -> dict[str, Path]:
@@ -25,7 +28,7 @@ def _modules() -> dict[str, Path]:
 
 
 def _part(module: str) -> str | None:
-    for p in ("exporters", "runtime_cpu", "benchmarks"):
+    for p in ("exporters", "runtime_cpu", "cuda_kernels", "benchmarks"):
         if module == f"mote_edge.{p}" or module.startswith(f"mote_edge.{p}."):
             return p
     return "core" if module.split(".")[0] == "mote_edge" else None
