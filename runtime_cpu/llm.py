@@ -19,11 +19,30 @@ from gguf import GGMLQuantizationType as T
 
 from ..exporters.errors import MoteExportError
 from .gguf_model import GGUFModel
+from . import clib
+from .clinear import TernaryGroup, TernaryOne
 from .kernels import FloatLinear, Fused, Separate, TernaryLinear, rms_norm, silu, softmax
 from .quants import FLOAT_NATIVE, decode_float, decode_float_rows, decode_ternary
+from .ternary_kernels import TQ2_0_BLOCK_BYTES, TernaryMatrix, pack_codes
 
 PROJS = ("gate", "up", "down")
 PREFILL_CHUNK = 512  # tokens per forward pass when a prompt is longer (bounds the attention buffers)
+KERNELS = ("auto", "mad", "lut", "numpy")  # ternary kernel family: C multiply-add / C lookup-table / numpy
+
+
+def resolve_kernel(kernel: str, notices: list | None = None) -> str:
+    """The ternary kernel family to run: "auto" -> "mad" with the C library, "numpy" without it (noticed)."""
+    if kernel not in KERNELS:
+        raise MoteExportError(f"kernel {kernel!r}; accepted: {', '.join(KERNELS)}")
+    if kernel == "numpy":
+        return kernel
+    if not clib.available():
+        if kernel != "auto":
+            raise MoteExportError(f"--kernel {kernel}: {clib.error()}")
+        if notices is not None:
+            notices.append(f"{clib.error()}; running the numpy kernels")
+        return "numpy"
+    return "mad" if kernel == "auto" else kernel
 
 
 @dataclass
@@ -100,12 +119,17 @@ def read_config(g: GGUFModel) -> LLMConfig:
 class Loader:
     """Decodes tensors once, records what stayed mapped, what was repacked and what was never touched."""
 
-    def __init__(self, g: GGUFModel, codes_form: str = "int8"):
+    def __init__(self, g: GGUFModel, codes_form: str = "int8", kernel: str = "numpy"):
         self.g, self.codes_form = g, codes_form
         self.mapped = self.repacked = 0
         self.repacked_by = {}  # "TQ2_0 -> int8 codes" etc. -> bytes
         self.notices: list[str] = []
+        self.kernel = resolve_kernel(kernel, self.notices)
         self.used: set[str] = set()
+
+    def _repacked(self, kind: str, nbytes: int) -> None:
+        self.repacked += nbytes
+        self.repacked_by[kind] = self.repacked_by.get(kind, 0) + nbytes
 
     def _count(self, name: str, out: np.ndarray | None, kind: str | None) -> None:
         self.used.add(name)
@@ -147,11 +171,30 @@ class Loader:
         codes = decode_ternary(self.g.raw(name), t.qtype, shape, scales, name)
         self.used.add(name)
         kind = f"{t.qtype.name} -> {'float32' if self.codes_form == 'f32' else 'int8'} codes"
-        nbytes = codes.size * (4 if self.codes_form == "f32" else 1)
-        self.repacked += nbytes
-        self.repacked_by[kind] = self.repacked_by.get(kind, 0) + nbytes
+        self._repacked(kind, codes.size * (4 if self.codes_form == "f32" else 1))
         self.g.release(name)
         return codes
+
+    def ternary_matrices(self, name: str, shape: tuple[int, int, int], scales: np.ndarray) -> list[TernaryMatrix]:
+        """The C kernels' matrices [E] of stacked ternary matrices: a TQ2_0 tensor is used in place when its
+        code bytes are exactly the packing of its checked codes (the exporter's form: a d = 0 block holds
+        zero codes); anything else is repacked to 2-bit codes (K padded to a multiple of 256)."""
+        t = self.g.require(name, shape)
+        raw = self.g.raw(name)
+        codes = decode_ternary(raw, t.qtype, shape, scales, name)  # every block checked; a transient copy
+        self.used.add(name)
+        E, N, K = shape
+        if t.qtype == T.TQ2_0:
+            blocks = raw.reshape(E, N, K // 256, TQ2_0_BLOCK_BYTES)
+            if all(np.array_equal(blocks[e, :, :, :64].reshape(N, -1), pack_codes(codes[e])) for e in range(E)):
+                self.mapped += t.nbytes
+                per = N * (K // 256) * TQ2_0_BLOCK_BYTES
+                return [TernaryMatrix(raw[e * per:(e + 1) * per], N, K, scales[e], TQ2_0_BLOCK_BYTES) for e in range(E)]
+            self.notices.append(f"{name}: TQ2_0 blocks with d = 0 hold non-zero codes; repacked")
+        mats = [TernaryMatrix.from_codes(codes[e], scales[e]) for e in range(E)]
+        self._repacked(f"{t.qtype.name} -> 2-bit codes", sum(m.nbytes for m in mats))
+        self.g.release(name)
+        return mats
 
 
 class FFN:
@@ -215,11 +258,11 @@ def _ternary_scales(g: GGUFModel, c: LLMConfig) -> dict:
 class LLM:
     """Weights of the language model, decoded at load, and its forward pass."""
 
-    def __init__(self, g: GGUFModel, codes_form: str = "int8"):
+    def __init__(self, g: GGUFModel, codes_form: str = "int8", kernel: str = "numpy"):
         self.g, self.c = g, read_config(g)
         c, H = self.c, self.c.hidden
         kv = c.kv_heads * c.head_dim
-        ld = self.loader = Loader(g, codes_form)
+        ld = self.loader = Loader(g, codes_form, kernel)
         emb = g.require("token_embd.weight", (c.vocab, H))
         self.embd_raw, self.embd_type = g.raw("token_embd.weight"), emb.qtype
         ld.used.add("token_embd.weight")
@@ -260,7 +303,12 @@ class LLM:
             router = ld.floats(b + "ffn_gate_inp.weight", (E, H))
             F = g.shape(b + "ffn_gate_exps.weight")[1]
             shapes = {"gate": (E, F, H), "up": (E, F, H), "down": (E, H, F)}
-            if c.variant == "mote":  # an expert's gate and up: one int8 matrix [2F, H], a scale per half
+            if c.variant == "mote" and ld.kernel != "numpy":  # C kernels: gate and up share one quantisation
+                gate, up, down = (ld.ternary_matrices(f"{b}ffn_{p}_exps.weight", shapes[p], scales[(i, p)]) for p in PROJS)
+                for e in range(E):
+                    experts.append(FFN(TernaryGroup([gate[e], up[e]], c.act_eps, ld.kernel),
+                                       TernaryOne(down[e], c.act_eps, ld.kernel)))
+            elif c.variant == "mote":  # an expert's gate and up: one int8 matrix [2F, H], a scale per half
                 gu = np.empty((E, 2 * F, H), np.int8)
                 gu[:, :F] = ld.ternary(f"{b}ffn_gate_exps.weight", shapes["gate"], scales[(i, "gate")])
                 gu[:, F:] = ld.ternary(f"{b}ffn_up_exps.weight", shapes["up"], scales[(i, "up")])

@@ -23,6 +23,7 @@ import numpy as np
 from ..exporters.errors import MoteExportError
 from ..exporters.gguf_file import mmproj_path
 from ..exporters.units import human
+from . import clib
 from .gguf_model import GGUFModel
 from .kernels import set_threads
 from .llama_memory import default_n_ctx
@@ -50,10 +51,12 @@ class MoteModel:
     """An LLM GGUF + its mmproj, loaded once; answers many questions."""
 
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
-                 threads: int | None = None, codes: str = "int8", vision: bool = True):
+                 threads: int | None = None, codes: str = "int8", vision: bool = True, kernel: str = "auto"):
         if codes not in ("int8", "f32"):
             raise MoteExportError(f"codes {codes!r}; accepted: int8, f32")
         set_threads(threads or DEFAULT_THREADS)
+        if clib.available():
+            clib.set_threads(threads or DEFAULT_THREADS)
         model = Path(model)
         if model.is_dir():
             raise MoteExportError(f"model {str(model)!r} is a folder; the mote engine takes a model file")
@@ -64,7 +67,7 @@ class MoteModel:
         read_config(self.gguf)  # what the file is, before anything is decoded
         self.tokenizer = GGUFTokenizer(self.gguf)
         try:
-            self.llm = LLM(self.gguf, codes)
+            self.llm = LLM(self.gguf, codes, kernel)
             self.vision = Vision(self.proj) if self.proj is not None else None
             self.cache = self.llm.new_cache(self.n_ctx)
         except MemoryError:
@@ -83,12 +86,13 @@ class MoteModel:
                 by[k] = by.get(k, 0) + v
         return {"mapped_bytes": sum(ld.mapped for ld in loaders), "repacked_bytes": sum(ld.repacked for ld in loaders),
                 "repacked_by": by, "untouched_bytes": self.llm.unused_bytes, "kv_cache_bytes": self.cache.nbytes,
-                "notices": [n for ld in loaders for n in ld.notices], "variant": self.llm.c.variant}
+                "notices": [n for ld in loaders for n in ld.notices], "variant": self.llm.c.variant,
+                "kernel": self.llm.loader.kernel}
 
     def format_report(self) -> str:
         r = self.report
         parts = ", ".join(f"{k} {human(v)}" for k, v in sorted(r["repacked_by"].items()))
-        lines = [f"mote engine: {r['variant']}; mapped in place {human(r['mapped_bytes'])}, repacked at load "
+        lines = [f"mote engine: {r['variant']}, {r['kernel']} kernels; mapped in place {human(r['mapped_bytes'])}, repacked at load "
                  f"{human(r['repacked_bytes'])} ({parts or 'nothing'}), zero padding never read "
                  f"{human(r['untouched_bytes'])}, KV cache {human(r['kv_cache_bytes'])}"]
         return "\n".join(lines + [f"notice: {n}" for n in r["notices"]])
@@ -170,9 +174,9 @@ def evaluate(model: MoteModel, records: list[dict], images_dir: str | Path, max_
 NAME = "mote"
 
 
-def plan_memory(model: Path, mmproj: Path, n_ctx: int | None) -> dict:
+def plan_memory(model: Path, mmproj: Path, n_ctx: int | None, kernel: str = "auto") -> dict:
     """This engine's resident estimate from the two headers (mote_memory.plan_resident); nothing is mapped."""
-    return plan_resident(model, mmproj, n_ctx)
+    return plan_resident(model, mmproj, n_ctx, kernel=kernel)
 
 
 format_memory = format_resident

@@ -2,7 +2,9 @@
 headers before anything is mapped. The same rules as the loader (llm.Loader, tested equal to what it did):
 
   mapped     tensors used in place from the mapping: F32 tensors, and token_embd (rows read on demand)
-  repacked   copies made at load: ternary routed experts -> int8 codes (1 byte a weight; 4 with codes="f32"),
+  repacked   copies made at load: ternary routed experts with the C kernels: TQ2_0 used in place (mapped),
+             other ternary types -> 2-bit codes (K padded to 256); with the numpy kernels -> int8 codes (1 byte a
+             weight; 4 with codes="f32");
              every other non-F32 float tensor -> float32 (4 bytes a weight); their mapped pages are dropped
              after decoding (madvise), so the packed bytes are not held twice
   untouched  zero padding the qwen2moe layout needs and this engine never reads (routers/experts of non-MoE
@@ -27,7 +29,8 @@ from ..exporters.errors import MoteExportError
 from ..exporters.gguf_header import read_gguf_header
 from ..exporters.units import MIB, human
 from .kernels import CAST_BYTES
-from .llm import PREFILL_CHUNK
+from .llm import PREFILL_CHUNK, resolve_kernel
+from .ternary_kernels import padded
 from .llama_memory import default_n_ctx
 
 RUNTIME_OVERHEAD = 128 * MIB
@@ -60,8 +63,9 @@ def tensor_roles(fields: dict, names) -> dict:
 
 
 def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx: int | None = None,
-                  codes_form: str = "int8") -> dict:
+                  codes_form: str = "int8", kernel: str = "auto") -> dict:
     """The resident estimate (bytes, by part) of the mote engine for these files, from headers only."""
+    kernel = resolve_kernel(kernel)
     h = read_gguf_header(model_path, arrays=_ARRAYS)
     f = h.fields
     arch = f.get("general.architecture")
@@ -94,7 +98,13 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
             if "ffn" in name:
                 widest_ffn = max(widest_ffn, t.dims[0], t.dims[1])
         matrix = t.dims[0] * (t.dims[1] if len(t.dims) > 1 else 1)
-        if role == "ternary":  # decoded codes + their copy into the stacked gate/up + one matrix's temporaries
+        if role == "ternary" and kernel != "numpy":  # C kernels: TQ2_0 in place, others as 2-bit codes
+            if t.qtype == T.TQ2_0:
+                mapped += t.nbytes
+            else:
+                repacked += numel // t.dims[0] * padded(t.dims[0]) // 4
+            transient = max(transient, t.nbytes + numel + 4 * matrix)  # checked codes + one matrix's packing
+        elif role == "ternary":  # decoded codes + their copy into the stacked gate/up + one matrix's temporaries
             repacked += numel * (4 if codes_form == "f32" else 1)
             transient = max(transient, t.nbytes + 2 * numel + 3 * matrix)
         elif t.qtype == T.F32:

@@ -1,0 +1,51 @@
+"""Linears of the mote engine that run on the C kernels, with the interface of kernels.py's numpy ones
+(called on x [T, K] float32, returning y [T, N] float32; groups return a list, one y per matrix).
+
+Ternary: activations quantised once per call (per token, as MoTE trains) and shared by every matrix of a
+group (an expert's gate and up read the same x), then the integer product of the chosen family:
+"mad" (multiply-add, csrc/ternary_mad.c) or "lut" (lookup tables, csrc/ternary_lut.c). Both equal
+kernels.TernaryLinear bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ternary_kernels as tk
+
+
+class TernaryGroup:
+    """Ternary matrices on the same input: one quantisation, one product each."""
+
+    def __init__(self, mats: list, eps: float, family: str = "mad"):
+        self.mats, self.eps, self.family = mats, eps, family
+        self.kp = mats[0].kp
+        self.k = mats[0].k
+        if family == "lut":
+            from . import lut_kernels
+
+            self.packed = [lut_kernels.lut_pack(m.data, m.block_bytes, m.row_bytes, m.n, m.kp) for m in mats]
+
+    def products(self, x: np.ndarray) -> list[np.ndarray]:
+        q, sumq, step = tk.quantize(x, self.eps, self.kp)
+        if self.family == "lut":
+            from . import lut_kernels
+
+            return [lut_kernels.lut_gemm(p, m.n, m.kp, q, sumq, step, m.scale) for p, m in zip(self.packed, self.mats)]
+
+        return [tk.gemm(m, q, sumq, step) for m in self.mats]
+
+    __call__ = products
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.mats)
+
+
+class TernaryOne(TernaryGroup):
+    """One ternary matrix: y = x W^T with per-token int8 activations."""
+
+    def __init__(self, mat, eps: float, family: str = "mad"):
+        super().__init__([mat], eps, family)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.products(x)[0]
