@@ -215,14 +215,15 @@ class MoE:
 
     def __init__(self, router: np.ndarray | None, experts: list[FFN], top_k: int, shared: FFN | None):
         self.router, self.experts, self.top_k, self.shared = router, experts, top_k, shared
-        self.last_choice: np.ndarray | None = None  # [T, top_k] expert ids of the latest call
+        self.trace: list | None = None  # when a list: every call's [T, top_k] expert ids are appended (routes)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         out = np.zeros_like(x)
         if self.router is not None:
             probs = softmax(x @ self.router.T)
             top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.top_k]
-            self.last_choice = top
+            if self.trace is not None:
+                self.trace.append(top.copy())
             if x.shape[0] == 1:  # decode: only the chosen experts, in index order as below
                 for e in sorted(int(e) for e in top[0]):
                     out += self.experts[e](x) * probs[0, e]

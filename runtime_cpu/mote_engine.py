@@ -27,7 +27,7 @@ from . import clib
 from .gguf_model import GGUFModel
 from .kernels import set_threads
 from .llama_memory import default_n_ctx
-from .llm import LLM, read_config
+from .llm import LLM, MoE, read_config
 from .mote_memory import format_resident, plan_resident
 from .records import evaluate_records
 from .sampling import sample
@@ -77,6 +77,8 @@ class MoteModel:
             raise MoteExportError(f"{proj}: the projector gives {self.vision.out_dim}-wide embeddings; the LLM is "
                                   f"{self.llm.c.hidden} wide (not this model's mmproj)")
         self.report = self._report()
+        self.kinds: list[str] = []  # the latest prompt's token kinds (text / image)
+        self.route_kinds: list[str] = []  # kinds of the tokens whose routes are being recorded
 
     def _report(self) -> dict:
         loaders = [self.llm.loader] + ([self.vision.loader] if self.vision else [])
@@ -123,13 +125,37 @@ class MoteModel:
         if image is None:
             if len(pieces) != 1:
                 text = text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
-            return self.llm.embed(self.tokenizer.encode(text))
+            h = self.llm.embed(self.tokenizer.encode(text))
+            self.kinds = ["text"] * len(h)
+            return h
         if len(pieces) != 2:
             raise MoteExportError(f"the GGUF's chat template placed {len(pieces) - 1} '{IMAGE_PLACEHOLDER}' for one "
                                   "image; expected a LLaVA template that prints it for the image part")
         img = self.image_embeddings(image)
-        return np.concatenate([self.llm.embed(self.tokenizer.encode(pieces[0])), img,
-                               self.llm.embed(self.tokenizer.encode(pieces[1]))])
+        before, after = (self.llm.embed(self.tokenizer.encode(p)) for p in pieces)
+        self.kinds = ["text"] * len(before) + ["image"] * len(img) + ["text"] * len(after)
+        return np.concatenate([before, img, after])
+
+    # ---- routing maps (mote-run --routes) ---------------------------------------------------------------------
+
+    def trace_routes(self, on: bool = True) -> None:
+        """Record (on) or stop recording which experts every token chooses in every MoE layer."""
+        self.route_kinds = []
+        for layer in self.llm.layers:
+            if isinstance(layer.ffn, MoE) and layer.ffn.router is not None:
+                layer.ffn.trace = [] if on else None
+
+    def routes(self) -> dict:
+        """The choices recorded by stream() since trace_routes(): per MoE layer, per token (prompt, image
+        and generated, in order) the top-k expert ids; with each token's kind (text / image; generated
+        tokens are text)."""
+        layers = {i: np.concatenate(l.ffn.trace) for i, l in enumerate(self.llm.layers)
+                  if isinstance(l.ffn, MoE) and l.ffn.trace}
+        kinds = self.route_kinds
+        assert all(len(c) == len(kinds) for c in layers.values()), "routes recorded outside stream()"
+        return {"format": "mote-routes/1", "experts": self.llm.c.experts, "top_k": self.llm.c.top_k,
+                "variant": self.llm.c.variant, "kinds": kinds,
+                "layers": {str(i): c.tolist() for i, c in layers.items()}}
 
     def stream(self, image: str | Path | None, question: str, max_tokens: int = 128, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0):
@@ -139,6 +165,7 @@ class MoteModel:
         if len(h) >= self.n_ctx:
             raise MoteExportError(f"the prompt ({len(h)} tokens with the image) does not fit n_ctx {self.n_ctx}")
         logits = self.llm.forward(h, self.cache, 0)
+        self.route_kinds += self.kinds
         pos, out = len(h), StreamDecoder(self.tokenizer)
         for n in range(max_tokens):
             tok = sample(logits, temperature, top_k, top_p, rng)
@@ -149,6 +176,7 @@ class MoteModel:
             if n + 1 == max_tokens or pos >= self.n_ctx:  # the context is full: no room to feed it back
                 break
             logits = self.llm.forward(self.llm.embed([tok]), self.cache, pos)
+            self.route_kinds.append("text")
             pos += 1
         yield out.flush(), "length"
 
@@ -174,7 +202,10 @@ def evaluate(model: MoteModel, records: list[dict], images_dir: str | Path, max_
 NAME = "mote"
 
 
-def plan_memory(model: Path, mmproj: Path, n_ctx: int | None, kernel: str = "auto") -> dict:
+OPTIONS = ("kernel", "routes")  # mote-run flags only this engine takes
+
+
+def plan_memory(model: Path, mmproj: Path, n_ctx: int | None, kernel: str = "auto", routes=None) -> dict:
     """This engine's resident estimate from the two headers (mote_memory.plan_resident); nothing is mapped."""
     return plan_resident(model, mmproj, n_ctx, kernel=kernel)
 
@@ -185,8 +216,14 @@ format_memory = format_resident
 class Engine:
     """mote-run's view: one loaded model pair, answering a question about an image, streamed."""
 
-    def __init__(self, model: Path, mmproj: Path, n_ctx: int | None = None, threads: int | None = None, seed: int = 0):
-        self.model = MoteModel(model, mmproj, n_ctx=n_ctx, threads=threads)
+    def __init__(self, model: Path, mmproj: Path, n_ctx: int | None = None, threads: int | None = None, seed: int = 0,
+                 kernel: str = "auto", routes: str | None = None):
+        self.model = MoteModel(model, mmproj, n_ctx=n_ctx, threads=threads, kernel=kernel)
+        self.routes_path = routes
+        if routes is not None:
+            if self.model.llm.c.variant == "dense":
+                raise MoteExportError(f"--routes: {model} is a dense model; it has no experts to route to")
+            self.model.trace_routes()
 
     def stream(self, image: Path, prompt: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0):
@@ -198,6 +235,20 @@ class Engine:
         print(self.model.format_report(), file=sys.stderr)
         yield first
         yield from tokens
+        if self.routes_path is not None:
+            write_json(self.routes_path, self.model.routes())
+            print(f"routes: {self.routes_path} (plot: mote-routes {self.routes_path} -o routes.png)", file=sys.stderr)
+
+
+def write_json(path, obj) -> None:
+    """Written to a temporary name and renamed: never a half-written file."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def decode_tokens_per_s(model: MoteModel, n_tokens: int = 64, prompt: str = "How many shapes are there?") -> float:

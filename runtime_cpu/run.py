@@ -5,6 +5,7 @@
              [--n-ctx N] [--max-tokens N] [--temperature T (0 = greedy, the default)]
              [--top-k K] [--top-p P] [--seed S]
              [--memory-limit SIZE (refuse, before loading, a run the engine plans to need more for)]
+             [--kernel auto|mad|lut|numpy] [--routes routes.json]   (--engine mote)
 
 The answer streams to stdout; time to first token, decode speed and peak RSS go to stderr.
 
@@ -13,7 +14,8 @@ This is the one front for every engine. An engine is a module in ENGINES with `N
 among the keys), `format_memory(dict) -> str` and an `Engine(model, mmproj, n_ctx, threads, seed)`
 whose `stream(image, prompt, max_tokens, temperature, top_k, top_p, seed)` yields (text, finish reason).
 Optionally `resolve_inputs(model_arg, mmproj_arg) -> (model, mmproj)`: an engine whose model is not a
-GGUF + <stem>-mmproj.gguf pair (the onnxruntime engine takes an export folder) checks its inputs there.
+GGUF + <stem>-mmproj.gguf pair (the onnxruntime engine takes an export folder) checks its inputs there;
+`OPTIONS`: the names of engine-only flags it takes (passed to plan_memory and Engine as keywords).
 """
 from __future__ import annotations
 
@@ -40,11 +42,11 @@ def engine_module(name: str):
     return importlib.import_module(ENGINES[name])
 
 
-def check_memory(engine, model: Path, mmproj: Path, n_ctx: int | None, limit_text: str) -> int:
+def check_memory(engine, model: Path, mmproj: Path, n_ctx: int | None, limit_text: str, opts: dict | None = None) -> int:
     """Refuse, before anything is loaded, a run whose planned resident memory exceeds the limit.
     Returns the n_ctx the plan was made for (what the engine will use)."""
     limit = parse_size(limit_text, "--memory-limit")
-    plan = engine.plan_memory(model, mmproj, n_ctx)
+    plan = engine.plan_memory(model, mmproj, n_ctx, **(opts or {}))
     text = engine.format_memory(plan)
     if plan["total_bytes"] > limit:
         raise MoteExportError(f"planned resident memory {text} exceeds --memory-limit {human(limit)} ({limit} bytes); "
@@ -70,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (default 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    p.add_argument("--kernel", default=None, choices=("auto", "mad", "lut", "numpy"),
+                   help="--engine mote: ternary kernels, C multiply-add / C lookup-table / numpy (default auto)")
+    p.add_argument("--routes", default=None, metavar="JSON",
+                   help="--engine mote: write which experts every image and text token chose in every MoE layer "
+                        "(plot it with mote-routes)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="refuse, before loading anything, a run whose resident memory as the engine plans it "
                         "(weights of both files, repacked copies, KV cache for n_ctx, compute buffers, runtime) "
@@ -107,10 +114,15 @@ def main(argv=None):
             if not path.is_file():
                 hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if path is proj else ""
                 raise MoteExportError(f"{what} file {str(path)!r} does not exist{hint}")
+    opts = {k: getattr(a, k) for k in ("kernel", "routes") if getattr(a, k) is not None}
+    foreign = sorted(set(opts) - set(getattr(engine, "OPTIONS", ())))
+    if foreign:
+        raise MoteExportError(f"{', '.join('--' + k for k in foreign)}: not an option of --engine {a.engine} "
+                              "(--kernel and --routes are the mote engine's)")
     n_ctx = a.n_ctx
     if a.memory_limit is not None:
-        n_ctx = check_memory(engine, model, proj, n_ctx, a.memory_limit)
-    session = engine.Engine(model, proj, n_ctx=n_ctx, threads=a.threads, seed=a.seed)
+        n_ctx = check_memory(engine, model, proj, n_ctx, a.memory_limit, opts)
+    session = engine.Engine(model, proj, n_ctx=n_ctx, threads=a.threads, seed=a.seed, **opts)
     t0 = time.perf_counter()
     times, finish = [], None
     for text, why in session.stream(Path(a.image), a.prompt, a.max_tokens, temperature=a.temperature,

@@ -461,3 +461,56 @@ def test_memory_limit_refuses_before_mapping(tiny_gguf, data_dir, capsys, monkey
         run.main([str(tiny_gguf), "--image", str(image), "--prompt", "q", "--engine", "mote", "--memory-limit", "20MB"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "exceeds --memory-limit" in err[0] and "KV cache" in err[0]
+
+
+def test_routes_record_every_token_and_plot(tiny_gguf, tmp_path, capsys):
+    """mote-run --routes writes, per MoE layer, the top-k experts of every evaluated token (prompt text,
+    image, generated), the same choices the numpy kernels make; mote-routes plots and tables them."""
+    from mote_edge.benchmarks.routes import main as routes_main
+    from mote_edge.runtime_cpu.run import main as run_main
+    from mote_edge.tiny import ASSETS
+
+    img = ASSETS / "data" / "images" / "test_00000.png"
+    out = tmp_path / "routes.json"
+    run_main([str(tiny_gguf), "--image", str(img), "--prompt", "How many shapes are there?", "--engine", "mote",
+              "--threads", "1", "--routes", str(out), "--max-tokens", "4"])
+    r = json.loads(out.read_text())
+    m = MoteModel(tiny_gguf, threads=1, kernel="numpy")
+    m.trace_routes()
+    list(m.stream(img, "How many shapes are there?", max_tokens=4))
+    assert r == m.routes()
+    n_img = m.image_embeddings(img).shape[0]
+    assert r["kinds"].count("image") == n_img and r["kinds"].count("text") > 5
+    assert sorted(map(int, r["layers"])) == list(m.llm.c.moe_layers)
+    assert all(len(c) == len(r["kinds"]) for c in r["layers"].values())
+    capsys.readouterr()
+    routes_main([str(out), "-o", str(tmp_path / "routes.png")])
+    text = capsys.readouterr().out
+    assert (tmp_path / "routes.png").stat().st_size > 10_000
+    rows = [line.split("|")[3:-1] for line in text.splitlines() if line.startswith("| 0 |")]
+    assert len(rows) == 2 and all(abs(sum(float(v) for v in row) - r["top_k"]) < 0.02 for row in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "llama.cpp", "--routes", "r.json"], "not an option of --engine llama.cpp"),
+    (["--engine", "mote", "--kernel", "sse"], "invalid choice"),
+])
+def test_engine_only_flags_are_refused_elsewhere(tiny_gguf, tmp_path, args, message):
+    from mote_edge.tiny import ASSETS
+
+    r = subprocess.run([Path(sys.executable).parent / "mote-run", tiny_gguf, "--image",
+                        ASSETS / "data" / "images" / "test_00000.png", "--prompt", "hi", *args],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_routes_file_errors_are_one_line(tmp_path, capsys):
+    from mote_edge.benchmarks.routes import main as routes_main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "mote-routes/1", "experts": 4, "top_k": 1, "kinds": ["text"], "layers": {"0": [[7]]}}')
+    for path, message in ((tmp_path / "missing.json", "does not exist"), (bad, "ids below 4")):
+        with pytest.raises(SystemExit) as e:
+            routes_main([str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
