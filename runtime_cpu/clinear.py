@@ -49,3 +49,24 @@ class TernaryOne(TernaryGroup):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.products(x)[0]
+
+
+class FloatGroup:
+    """Float matrices on the same input (q/k/v, gate/up) in one C call over all their rows, each weight
+    read in place from the file's bytes (F16 / BF16 / Q8_0 / Q4_0 decoded in registers, fp32 activations)."""
+
+    def __init__(self, mats: list[tuple], k: int):
+        self.mats, self.k = mats, k  # [(raw bytes, ggml type, rows, bias or None)]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        from .float_kernels import float_gemm_multi
+
+        return float_gemm_multi(self.mats, self.k, x)
+
+
+class FloatOne(FloatGroup):
+    def __init__(self, raw: np.ndarray, qtype, n: int, k: int, bias: np.ndarray | None = None):
+        super().__init__([(raw, qtype, n, bias)], k)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return super().__call__(x)[0]

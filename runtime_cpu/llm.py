@@ -20,7 +20,8 @@ from gguf import GGMLQuantizationType as T
 from ..exporters.errors import MoteExportError
 from .gguf_model import GGUFModel
 from . import clib
-from .clinear import TernaryGroup, TernaryOne
+from .clinear import FloatGroup, FloatOne, TernaryGroup, TernaryOne
+from .float_kernels import TYPES as C_FLOAT_TYPES
 from .kernels import FloatLinear, Fused, Separate, TernaryLinear, rms_norm, silu, softmax
 from .quants import FLOAT_NATIVE, decode_float, decode_float_rows, decode_ternary
 from .ternary_kernels import TQ2_0_BLOCK_BYTES, TernaryMatrix, pack_codes
@@ -146,8 +147,20 @@ class Loader:
         self._count(name, out, None if t.qtype == T.F32 else f"{t.qtype.name} -> F32")
         return out
 
-    def linear(self, name: str, shape: tuple[int, int], bias: str | None = None) -> FloatLinear:
+    def in_place(self, name: str) -> bool:
+        """Whether the C float kernels read this tensor in place (not F32: BLAS reads those in place too)."""
+        return self.kernel != "numpy" and self.g.info(name).qtype in C_FLOAT_TYPES and self.g.info(name).qtype != T.F32
+
+    def mapped_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        t = self.g.require(name, shape)
+        self.used.add(name)
+        self.mapped += t.nbytes
+        return self.g.raw(name)
+
+    def linear(self, name: str, shape: tuple[int, int], bias: str | None = None):
         b = self.floats(bias, shape[:1]) if bias and bias in self.g else None
+        if self.in_place(name):
+            return FloatOne(self.mapped_view(name, shape), self.g.info(name).qtype, shape[0], shape[1], b)
         return FloatLinear(self.floats(name, shape), b)
 
     def stacked(self, names: list[str], shapes: list[tuple[int, int]], biases: list[str | None]):
@@ -156,6 +169,9 @@ class Loader:
         mapped, one product each."""
         bias = [self.floats(b, s[:1]) if b and b in self.g else None for b, s in zip(biases, shapes)]
         types = [self.g.require(n, s).qtype for n, s in zip(names, shapes)]
+        if all(self.in_place(n) for n in names):
+            return FloatGroup([(self.mapped_view(n, s), t, s[0], b) for n, s, t, b in zip(names, shapes, types, bias)],
+                              shapes[0][1])
         if T.F32 in types:
             return Separate([FloatLinear(self.floats(n, s), b) for n, s, b in zip(names, shapes, bias)])
         out = np.empty((sum(s[0] for s in shapes), shapes[0][1]), np.float32)
@@ -280,8 +296,9 @@ class LLM:
             layer.ffn = self._dense_ffn(b, H) if c.variant == "dense" else self._moe(i, b, H, scales)
             self.layers.append(layer)
         self.norm = ld.floats("output_norm.weight", (H,))
-        self.output = ld.floats("output.weight" if "output.weight" in g else "token_embd.weight", (c.vocab, H))
-        if "output.weight" not in g and emb.qtype == T.F32:
+        head = "output.weight" if "output.weight" in g else "token_embd.weight"
+        self.output = ld.linear(head, (c.vocab, H))
+        if head == "token_embd.weight" and (emb.qtype == T.F32 or ld.in_place(head)):
             ld.mapped -= emb.nbytes  # token_embd counted once
         self.inv_freq = (np.float32(1.0) / np.float32(c.rope_base) ** (
             np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim))).astype(np.float32)
@@ -321,7 +338,14 @@ class LLM:
                                        TernaryLinear(down[e], scales[(i, "down")][e], eps, form)))
             else:  # MoE-LLaVA: full-precision experts (F32 ones used in place, one product each)
                 names = [f"{b}ffn_{p}_exps.weight" for p in PROJS]
-                if g.info(names[0]).qtype == T.F32 or g.info(names[1]).qtype == T.F32:
+                if all(ld.in_place(n) for n in names):  # C kernels on the file's bytes, one view per expert
+                    raw = {p: (ld.mapped_view(n, shapes[p]), g.info(n).qtype) for n, p in zip(names, PROJS)}
+                    per = {p: raw[p][0].nbytes // E for p in PROJS}
+                    view = {p: [raw[p][0][e * per[p]:(e + 1) * per[p]] for e in range(E)] for p in PROJS}
+                    experts = [FFN(FloatGroup([(view["gate"][e], raw["gate"][1], F, None),
+                                               (view["up"][e], raw["up"][1], F, None)], H),
+                                   FloatOne(view["down"][e], raw["down"][1], H, F)) for e in range(E)]
+                elif g.info(names[0]).qtype == T.F32 or g.info(names[1]).qtype == T.F32:
                     gate, up = (ld.floats(n, shapes[p]) for n, p in zip(names[:2], PROJS[:2]))
                     gate_up = [Separate([FloatLinear(gate[e]), FloatLinear(up[e])]) for e in range(E)]
                 else:
@@ -329,8 +353,9 @@ class LLM:
                     gu[:, :F] = ld.floats(names[0], shapes["gate"])
                     gu[:, F:] = ld.floats(names[1], shapes["up"])
                     gate_up = [Fused(FloatLinear(gu[e]), [F, F]) for e in range(E)]
-                down = ld.floats(names[2], shapes["down"])
-                experts = [FFN(gate_up[e], FloatLinear(down[e])) for e in range(E)]
+                if not experts:
+                    down = ld.floats(names[2], shapes["down"])
+                    experts = [FFN(gate_up[e], FloatLinear(down[e])) for e in range(E)]
         if i in c.shared_layers:
             F = g.shape(b + "ffn_gate_shexp.weight")[0]
             shared = FFN(ld.stacked([b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"], [(F, H), (F, H)],
@@ -399,7 +424,7 @@ class LLM:
             return x
         if logits == "last":
             x = x[-1:]
-        y = rms_norm(x, self.norm, c.rms_eps) @ self.output.T
+        y = self.output(rms_norm(x, self.norm, c.rms_eps))
         return y[0] if logits == "last" else y
 
 

@@ -4,7 +4,8 @@ headers before anything is mapped. The same rules as the loader (llm.Loader, tes
   mapped     tensors used in place from the mapping: F32 tensors, and token_embd (rows read on demand)
   repacked   copies made at load: ternary routed experts with the C kernels: TQ2_0 used in place (mapped),
              other ternary types -> 2-bit codes (K padded to 256); with the numpy kernels -> int8 codes (1 byte a
-             weight; 4 with codes="f32");
+             weight; 4 with codes="f32"); float matrices: read in place by the C kernels (F16, BF16, Q8_0, Q4_0;
+             F32 by BLAS), other types and every tensor with the numpy kernels -> float32 copies;
              every other non-F32 float tensor -> float32 (4 bytes a weight); their mapped pages are dropped
              after decoding (madvise), so the packed bytes are not held twice
   untouched  zero padding the qwen2moe layout needs and this engine never reads (routers/experts of non-MoE
@@ -29,6 +30,7 @@ from ..exporters.errors import MoteExportError
 from ..exporters.gguf_header import read_gguf_header
 from ..exporters.units import MIB, human
 from .kernels import CAST_BYTES
+from .float_kernels import TYPES as C_FLOAT_TYPES
 from .llm import PREFILL_CHUNK, resolve_kernel
 from .ternary_kernels import padded
 from .llama_memory import default_n_ctx
@@ -88,9 +90,12 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         role, numel = roles[name], math.prod(t.dims)
         if role == "unused":
             continue
+        # matrices the C float kernels read in place (the loader's Loader.in_place); the router stays numpy
+        c_float = (kernel != "numpy" and t.qtype in C_FLOAT_TYPES and t.qtype != T.F32 and len(t.dims) >= 2
+                   and ".ffn_gate_inp." not in name)
         if role in ("embedding", "embedding+output"):
             mapped += t.nbytes
-            if role == "embedding+output" and t.qtype != T.F32:
+            if role == "embedding+output" and t.qtype != T.F32 and not c_float:
                 repacked += 4 * numel
             continue
         if len(t.dims) >= 2:
@@ -107,7 +112,7 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         elif role == "ternary":  # decoded codes + their copy into the stacked gate/up + one matrix's temporaries
             repacked += numel * (4 if codes_form == "f32" else 1)
             transient = max(transient, t.nbytes + 2 * numel + 3 * matrix)
-        elif t.qtype == T.F32:
+        elif t.qtype == T.F32 or c_float:
             mapped += t.nbytes
         else:  # the decoded float32 temporary before it lands in its stacked (q/k/v, gate/up) array
             repacked += 4 * numel
