@@ -13,39 +13,50 @@ import numpy as np
 from . import ternary_kernels as tk
 
 
-class TernaryGroup:
-    """Ternary matrices on the same input: one quantisation, one product each."""
+class LutMatrix:
+    """A ternary matrix in the lookup-table kernels' own layout (csrc/ternary_lut.c), made from the codes
+    layout of a TernaryMatrix."""
 
-    def __init__(self, mats: list, eps: float, family: str = "mad"):
-        self.mats, self.eps, self.family = mats, eps, family
-        self.kp = mats[0].kp
-        self.k = mats[0].k
-        if family == "lut":
-            from . import lut_kernels
+    def __init__(self, m: tk.TernaryMatrix):
+        from . import lut_kernels
 
-            self.packed = [lut_kernels.lut_pack(m.data, m.block_bytes, m.row_bytes, m.n, m.kp) for m in mats]
+        self.n, self.k, self.kp, self.scale = m.n, m.k, m.kp, m.scale
+        self.packed = lut_kernels.lut_pack(m.data, m.block_bytes, m.row_bytes, m.n, m.kp)
 
-    def products(self, x: np.ndarray) -> list[np.ndarray]:
-        q, sumq, step = tk.quantize(x, self.eps, self.kp)
-        if self.family == "lut":
-            from . import lut_kernels
+    def product(self, q, sumq, step) -> np.ndarray:
+        from . import lut_kernels
 
-            return [lut_kernels.lut_gemm(p, m.n, m.kp, q, sumq, step, m.scale) for p, m in zip(self.packed, self.mats)]
-
-        return [tk.gemm(m, q, sumq, step) for m in self.mats]
-
-    __call__ = products
+        return lut_kernels.lut_gemm(self.packed, self.n, self.kp, q, sumq, step, self.scale)
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.mats)
+        return self.packed.nbytes
+
+
+def _product(m, q, sumq, step) -> np.ndarray:
+    return m.product(q, sumq, step) if isinstance(m, LutMatrix) else tk.gemm(m, q, sumq, step)
+
+
+class TernaryGroup:
+    """Ternary matrices (TernaryMatrix: multiply-add kernels; LutMatrix: lookup-table kernels) on the same
+    input: one quantisation, one product each."""
+
+    def __init__(self, mats: list, eps: float):
+        self.mats, self.eps = mats, eps
+        self.kp = mats[0].kp
+
+    def products(self, x: np.ndarray) -> list[np.ndarray]:
+        q, sumq, step = tk.quantize(x, self.eps, self.kp)
+        return [_product(m, q, sumq, step) for m in self.mats]
+
+    __call__ = products
 
 
 class TernaryOne(TernaryGroup):
     """One ternary matrix: y = x W^T with per-token int8 activations."""
 
-    def __init__(self, mat, eps: float, family: str = "mad"):
-        super().__init__([mat], eps, family)
+    def __init__(self, mat, eps: float):
+        super().__init__([mat], eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.products(x)[0]

@@ -20,11 +20,11 @@ from gguf import GGMLQuantizationType as T
 from ..exporters.errors import MoteExportError
 from .gguf_model import GGUFModel
 from . import clib
-from .clinear import FloatGroup, FloatOne, TernaryGroup, TernaryOne
+from .clinear import FloatGroup, FloatOne, LutMatrix, TernaryGroup, TernaryOne
 from .float_kernels import TYPES as C_FLOAT_TYPES
 from .kernels import FloatLinear, Fused, Separate, TernaryLinear, rms_norm, silu, softmax
 from .quants import FLOAT_NATIVE, decode_float, decode_float_rows, decode_ternary
-from .ternary_kernels import TQ2_0_BLOCK_BYTES, TernaryMatrix, pack_codes
+from .ternary_kernels import TQ2_0_BLOCK_BYTES, TernaryMatrix, pack_codes, padded
 
 PROJS = ("gate", "up", "down")
 PREFILL_CHUNK = 512  # tokens per forward pass when a prompt is longer (bounds the attention buffers)
@@ -32,7 +32,8 @@ KERNELS = ("auto", "mad", "lut", "numpy")  # ternary kernel family: C multiply-a
 
 
 def resolve_kernel(kernel: str, notices: list | None = None) -> str:
-    """The ternary kernel family to run: "auto" -> "mad" with the C library, "numpy" without it (noticed)."""
+    """The kernels to run: "numpy", or with the C library "mad" / "lut" (forced) or "auto" (measured per
+    ternary shape, ternary_family); "auto" without the C library -> "numpy" (noticed)."""
     if kernel not in KERNELS:
         raise MoteExportError(f"kernel {kernel!r}; accepted: {', '.join(KERNELS)}")
     if kernel == "numpy":
@@ -43,7 +44,16 @@ def resolve_kernel(kernel: str, notices: list | None = None) -> str:
         if notices is not None:
             notices.append(f"{clib.error()}; running the numpy kernels")
         return "numpy"
-    return "mad" if kernel == "auto" else kernel
+    return kernel
+
+
+def ternary_family(kernel: str, n: int, k: int) -> str:
+    """The C family of an n x k ternary matrix: the one forced, or the measured choice (kernel_choice)."""
+    if kernel != "auto":
+        return kernel
+    from .kernel_choice import choose
+
+    return choose(n, padded(k))
 
 
 @dataclass
@@ -126,6 +136,7 @@ class Loader:
         self.repacked_by = {}  # "TQ2_0 -> int8 codes" etc. -> bytes
         self.notices: list[str] = []
         self.kernel = resolve_kernel(kernel, self.notices)
+        self.families: dict[str, str] = {}  # ternary "rows x K" -> the C family that runs it
         self.used: set[str] = set()
 
     def _repacked(self, kind: str, nbytes: int) -> None:
@@ -191,22 +202,33 @@ class Loader:
         self.g.release(name)
         return codes
 
-    def ternary_matrices(self, name: str, shape: tuple[int, int, int], scales: np.ndarray) -> list[TernaryMatrix]:
-        """The C kernels' matrices [E] of stacked ternary matrices: a TQ2_0 tensor is used in place when its
-        code bytes are exactly the packing of its checked codes (the exporter's form: a d = 0 block holds
-        zero codes); anything else is repacked to 2-bit codes (K padded to a multiple of 256)."""
+    def ternary_matrices(self, name: str, shape: tuple[int, int, int], scales: np.ndarray, family: str) -> list:
+        """The C kernels' matrices [E] of stacked ternary matrices. Multiply-add ("mad"): a TQ2_0 tensor is
+        used in place when its code bytes are exactly the packing of its checked codes (the exporter's form:
+        a d = 0 block holds zero codes); anything else is repacked to 2-bit codes (K padded to a multiple of
+        256). Lookup-table ("lut"): repacked from those into the LUT kernels' row tiles."""
         t = self.g.require(name, shape)
         raw = self.g.raw(name)
         codes = decode_ternary(raw, t.qtype, shape, scales, name)  # every block checked; a transient copy
         self.used.add(name)
+        self.families[f"{shape[1]}x{shape[2]}"] = family
         E, N, K = shape
+        mats = None
         if t.qtype == T.TQ2_0:
             blocks = raw.reshape(E, N, K // 256, TQ2_0_BLOCK_BYTES)
             if all(np.array_equal(blocks[e, :, :, :64].reshape(N, -1), pack_codes(codes[e])) for e in range(E)):
-                self.mapped += t.nbytes
                 per = N * (K // 256) * TQ2_0_BLOCK_BYTES
-                return [TernaryMatrix(raw[e * per:(e + 1) * per], N, K, scales[e], TQ2_0_BLOCK_BYTES) for e in range(E)]
-            self.notices.append(f"{name}: TQ2_0 blocks with d = 0 hold non-zero codes; repacked")
+                mats = [TernaryMatrix(raw[e * per:(e + 1) * per], N, K, scales[e], TQ2_0_BLOCK_BYTES) for e in range(E)]
+            else:
+                self.notices.append(f"{name}: TQ2_0 blocks with d = 0 hold non-zero codes; repacked")
+        if family == "lut":  # one matrix at a time: the 2-bit temporary stays one matrix big
+            out = [LutMatrix(mats[e] if mats else TernaryMatrix.from_codes(codes[e], scales[e])) for e in range(E)]
+            self._repacked(f"{t.qtype.name} -> LUT tiles", sum(m.nbytes for m in out))
+            self.g.release(name)
+            return out
+        if mats is not None:
+            self.mapped += t.nbytes
+            return mats
         mats = [TernaryMatrix.from_codes(codes[e], scales[e]) for e in range(E)]
         self._repacked(f"{t.qtype.name} -> 2-bit codes", sum(m.nbytes for m in mats))
         self.g.release(name)
@@ -322,10 +344,10 @@ class LLM:
             F = g.shape(b + "ffn_gate_exps.weight")[1]
             shapes = {"gate": (E, F, H), "up": (E, F, H), "down": (E, H, F)}
             if c.variant == "mote" and ld.kernel != "numpy":  # C kernels: gate and up share one quantisation
-                gate, up, down = (ld.ternary_matrices(f"{b}ffn_{p}_exps.weight", shapes[p], scales[(i, p)]) for p in PROJS)
+                gate, up, down = (ld.ternary_matrices(f"{b}ffn_{p}_exps.weight", shapes[p], scales[(i, p)],
+                                                      ternary_family(ld.kernel, *shapes[p][1:])) for p in PROJS)
                 for e in range(E):
-                    experts.append(FFN(TernaryGroup([gate[e], up[e]], c.act_eps, ld.kernel),
-                                       TernaryOne(down[e], c.act_eps, ld.kernel)))
+                    experts.append(FFN(TernaryGroup([gate[e], up[e]], c.act_eps), TernaryOne(down[e], c.act_eps)))
             elif c.variant == "mote":  # an expert's gate and up: one int8 matrix [2F, H], a scale per half
                 gu = np.empty((E, 2 * F, H), np.int8)
                 gu[:, :F] = ld.ternary(f"{b}ffn_gate_exps.weight", shapes["gate"], scales[(i, "gate")])

@@ -89,12 +89,14 @@ class MoteModel:
         return {"mapped_bytes": sum(ld.mapped for ld in loaders), "repacked_bytes": sum(ld.repacked for ld in loaders),
                 "repacked_by": by, "untouched_bytes": self.llm.unused_bytes, "kv_cache_bytes": self.cache.nbytes,
                 "notices": [n for ld in loaders for n in ld.notices], "variant": self.llm.c.variant,
-                "kernel": self.llm.loader.kernel}
+                "kernel": self.llm.loader.kernel, "families": dict(self.llm.loader.families)}
 
     def format_report(self) -> str:
         r = self.report
         parts = ", ".join(f"{k} {human(v)}" for k, v in sorted(r["repacked_by"].items()))
-        lines = [f"mote engine: {r['variant']}, {r['kernel']} kernels; mapped in place {human(r['mapped_bytes'])}, repacked at load "
+        fams = ", ".join(f"{f} {shape}" for shape, f in sorted(r["families"].items()))
+        kern = f"{r['kernel']} kernels" + (f" (ternary: {fams})" if fams else "")
+        lines = [f"mote engine: {r['variant']}, {kern}; mapped in place {human(r['mapped_bytes'])}, repacked at load "
                  f"{human(r['repacked_bytes'])} ({parts or 'nothing'}), zero padding never read "
                  f"{human(r['untouched_bytes'])}, KV cache {human(r['kv_cache_bytes'])}"]
         return "\n".join(lines + [f"notice: {n}" for n in r["notices"]])

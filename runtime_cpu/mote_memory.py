@@ -31,7 +31,8 @@ from ..exporters.gguf_header import read_gguf_header
 from ..exporters.units import MIB, human
 from .kernels import CAST_BYTES
 from .float_kernels import TYPES as C_FLOAT_TYPES
-from .llm import PREFILL_CHUNK, resolve_kernel
+from .llm import PREFILL_CHUNK, resolve_kernel, ternary_family
+from .lut_kernels import packed_bytes as lut_packed_bytes
 from .ternary_kernels import padded
 from .llama_memory import default_n_ctx
 
@@ -104,10 +105,13 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
                 widest_ffn = max(widest_ffn, t.dims[0], t.dims[1])
         matrix = t.dims[0] * (t.dims[1] if len(t.dims) > 1 else 1)
         if role == "ternary" and kernel != "numpy":  # C kernels: TQ2_0 in place, others as 2-bit codes
-            if t.qtype == T.TQ2_0:
+            rows, k = numel // t.dims[0], t.dims[0]
+            if ternary_family(kernel, t.dims[1], k) == "lut":  # the LUT kernels' row tiles, per matrix
+                repacked += numel // matrix * lut_packed_bytes(t.dims[1], padded(k))
+            elif t.qtype == T.TQ2_0:
                 mapped += t.nbytes
             else:
-                repacked += numel // t.dims[0] * padded(t.dims[0]) // 4
+                repacked += rows * padded(k) // 4
             transient = max(transient, t.nbytes + numel + 4 * matrix)  # checked codes + one matrix's packing
         elif role == "ternary":  # decoded codes + their copy into the stacked gate/up + one matrix's temporaries
             repacked += numel * (4 if codes_form == "f32" else 1)

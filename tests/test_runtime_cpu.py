@@ -339,8 +339,15 @@ def test_memory_plan_is_what_the_loader_keeps(tiny_gguf, tiny_model):
     assert plan["mapped_bytes"] == r["mapped_bytes"] and plan["repack_bytes"] == r["repacked_bytes"]
     assert plan["kv_cache_bytes"] == r["kv_cache_bytes"] and plan["n_ctx"] == tiny_model.n_ctx
     # the C kernels read the file's TQ2_0 experts in place (4 layers x 3 projections x 4 experts x 256 x 512)
-    assert r["kernel"] == "mad" and not any(k.startswith("TQ2_0") for k in r["repacked_by"])
-    assert r["mapped_bytes"] >= 4 * 3 * 4 * 256 * 512 // 256 * 66
+    assert r["kernel"] == "auto" and set(r["families"]) == {"512x256", "256x512"}
+    if set(r["families"].values()) == {"mad"}:
+        assert not any(k.startswith("TQ2_0") for k in r["repacked_by"])
+        assert r["mapped_bytes"] >= 4 * 3 * 4 * 256 * 512 // 256 * 66
+    for kernel in ("mad", "lut"):  # each family forced: the plan still counts what the loader keeps
+        m = MoteModel(tiny_gguf, kernel=kernel, vision=False)
+        plan = plan_memory(tiny_gguf, None, None, kernel=kernel)
+        assert (plan["mapped_bytes"], plan["repack_bytes"]) == (m.report["mapped_bytes"], m.report["repacked_bytes"])
+        assert set(m.report["families"].values()) == {kernel}
     numpy = MoteModel(tiny_gguf, kernel="numpy", vision=False)  # the numpy kernels: 1 byte a ternary weight
     assert numpy.report["repacked_by"]["TQ2_0 -> int8 codes"] == 4 * 4 * 3 * 256 * 512
     plan = plan_memory(tiny_gguf, None, None, kernel="numpy")
