@@ -6,6 +6,7 @@ one or more engines on the same files (`--engines llama.cpp,mote`: llama.cpp and
         [--threads N] [--repeats N] [--warmup N] [--n-gen N] [--seed S] [--image PNG] [--prompt TEXT]
         [--cache DIR] [--jobs N] [--vision-layers N] [--other-type T] [--keep-checkpoints]
         [--engines llama.cpp,mote]
+    mote-bench --accuracy ...   accuracy against expert memory, MoTE vs MoE-LLaVA + PTQ (benchmarks/accuracy.py)
 
 With a preset, random-weight checkpoints of that shape are written (benchmarks/random_ckpt.py) and
 exported with mote-export's own writer into one GGUF per model, cached in --cache and reused;
@@ -389,6 +390,12 @@ def _gguf_inputs(a) -> list[tuple[str, Path, Path, None]]:
 
 @cli_entry
 def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--accuracy"]:  # accuracy against expert memory: its own program (benchmarks/accuracy.py)
+        from .accuracy import run
+
+        run(args[1:])
+        return None
     p = argparse.ArgumentParser(prog="mote-bench", description=__doc__.split("\n")[0])
     p.add_argument("gguf", nargs="*", help="exported LLM GGUF files (each with its <stem>-mmproj.gguf)")
     p.add_argument("--preset", help="build random-weight models of a shape: tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b")
@@ -397,7 +404,7 @@ def main(argv=None):
     p.add_argument("--out", default="mote-bench-out", help="report folder (created; its parent must exist)")
     p.add_argument("--mmproj", help="projector for a single GGUF file (default <stem>-mmproj.gguf)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count(), help="engine threads (llama.cpp's; the mote engine's BLAS) and bandwidth processes "
+                   else os.cpu_count(), help="engine threads (llama.cpp's; the mote engine's kernel pool and BLAS) and bandwidth processes "
                    "(default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per model (min / median / max; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up passes per model first, each one image "

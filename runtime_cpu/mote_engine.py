@@ -35,7 +35,7 @@ from .tokenize import GGUFTokenizer, StreamDecoder
 from .vision import Vision
 
 IMAGE_PLACEHOLDER = "<image>"
-# numpy's OpenBLAS threads without --threads: one, since its spinning threads lose badly on a shared or
+# numpy's OpenBLAS threads (F32 matrices, attention) without --threads: one, since its spinning threads lose badly on a shared or
 # oversubscribed machine (measured here under load: a [57, 256] x [256, 512] product 27 ms on 2 threads, 0.45 ms on 1)
 DEFAULT_THREADS = 1
 
@@ -55,8 +55,8 @@ class MoteModel:
         if codes not in ("int8", "f32"):
             raise MoteExportError(f"codes {codes!r}; accepted: int8, f32")
         set_threads(threads or DEFAULT_THREADS)
-        if clib.available():
-            clib.set_threads(threads or DEFAULT_THREADS)
+        if clib.available():  # the C kernels' pool: one thread per CPU unless told (as llama.cpp)
+            clib.set_threads(threads or 0)
         model = Path(model)
         if model.is_dir():
             raise MoteExportError(f"model {str(model)!r} is a folder; the mote engine takes a model file")
