@@ -412,11 +412,11 @@ class LLM:
         pos = np.arange(pos0, pos0 + T_)
         q, k, v = layer.qkv(x)
         q = self._rope(q.reshape(T_, nh, hd), pos)
-        cache.k[i, pos0:pos0 + T_] = self._rope(k.reshape(T_, nkv, hd), pos)
-        cache.v[i, pos0:pos0 + T_] = v.reshape(T_, nkv, hd)
+        cache.k[i, :, :, pos0:pos0 + T_] = self._rope(k.reshape(T_, nkv, hd), pos).transpose(1, 2, 0)
+        cache.v[i, :, pos0:pos0 + T_] = v.reshape(T_, nkv, hd).transpose(1, 0, 2)
         S = pos0 + T_
-        K = cache.k[i, :S].transpose(1, 2, 0)  # [nkv, hd, S]
-        V = cache.v[i, :S].transpose(1, 0, 2)  # [nkv, S, hd]
+        K = cache.k[i, :, :, :S]  # [nkv, hd, S]: strided views the matmuls read without a copy
+        V = cache.v[i, :, :S]  # [nkv, S, hd]
         qh = q.reshape(T_, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T_, hd)
         scores = (qh @ K) * np.float32(1.0 / np.sqrt(hd))  # [nkv, g*T, S]
         scores = scores.reshape(nkv, g, T_, S)
@@ -451,12 +451,13 @@ class LLM:
 
 
 class KVCache:
-    """float32 keys and values [layers, n_ctx, kv_heads, head_dim]; n = positions filled."""
+    """float32 keys [layers, kv_heads, head_dim, n_ctx] and values [layers, kv_heads, n_ctx, head_dim]: the
+    layouts q @ K and p @ V read as they are (a decode step then copies nothing); n = positions filled."""
 
     def __init__(self, layers: int, n_ctx: int, kv_heads: int, head_dim: int):
         self.n_ctx, self.n = n_ctx, 0
-        self.k = np.zeros((layers, n_ctx, kv_heads, head_dim), np.float32)
-        self.v = np.zeros((layers, n_ctx, kv_heads, head_dim), np.float32)
+        self.k = np.zeros((layers, kv_heads, head_dim, n_ctx), np.float32)
+        self.v = np.zeros((layers, kv_heads, n_ctx, head_dim), np.float32)
 
     @property
     def nbytes(self) -> int:
