@@ -12,7 +12,7 @@ every model of an export folder shares, and the ai.mote custom ops with their fu
   per-token activations, W the int8 ternary codes [K, N] and S the fp32 matrix scale. Its definition
   ships in the model as a FunctionProto, so stock onnxruntime (and onnx.reference) run the body, and a
   runtime with its own kernel for the op may use that instead. The `exact` body is MoTE's forward:
-    amax = max(ReduceMax(|X|, last axis), 1e-5);  q = Clip(Round(X * (127 / amax)), -128, 127)
+    amax = max(ReduceMax(|X|, last axis), 1e-5);  q = Clip(Round(X * (Reciprocal(amax) * 127)), -128, 127)
     Y = float(MatMulInteger(uint8(q + 128), W, a_zero_point=128)) * (amax / 127) * S
   Round is half-to-even, as torch.round; the int32 sum of q * code is exact, so Y differs from
   mote_edge.quant's fake-quantized fp32 product only by fp32 rounding of that product.
@@ -208,7 +208,8 @@ def ternary_matmul_exact() -> onnx.FunctionProto:
     amax0 = node("ReduceMax", [absx, axes], "amax0", keepdims=1)
     amax = node("Max", [amax0, cst("eps", EPS)], "amax")
     qb = cst("qb", QB)
-    inv = node("Div", [qb, amax], "inv_scale")  # torch: x * (QB / amax)
+    # torch: x * (QB / amax), which torch evaluates as amax.reciprocal() * QB (two roundings)
+    inv = node("Mul", [node("Reciprocal", [amax], "rcp"), qb], "inv_scale")
     r = node("Round", [node("Mul", ["X", inv], "xs")], "r")
     c = node("Clip", [r, cst("lo", -QB - 1), cst("hi", QB)], "c")
     u = node("Cast", [node("Add", [c, cst("off", 128.0)], "cu")], "xu8", to=TensorProto.UINT8)

@@ -1,7 +1,7 @@
 """The mote engine's numpy kernels: float linears, and ternary linears computed as MoTE trains them.
 
 Ternary linear (mote_edge/quant.py, TernaryLinear with the deployable codes):
-  per input row (token) x: amax = max(max|x|, eps), q = clip(round_half_even(x * (127 / amax)), -128, 127)
+  per input row (token) x: amax = max(max|x|, eps), q = clip(round_half_even(x * ((1 / amax) * 127)), -128, 127)
   (in float32, the same operations as quantize_activation_int8), then the integer dot
   acc = sum_k q_k * codes_k, and y = acc * (amax / 127) * scale.
 The integer dot runs as a float32 BLAS product of the int8 values: exact, because every partial sum is an
@@ -24,10 +24,12 @@ CAST_BYTES = 8 * 2 ** 20  # float32 codes made per call, at most this many bytes
 
 def quantize_per_token(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """(int8-valued codes as float32 [T, K], step amax / 127 as float32 [T, 1]) exactly as
-    mote_edge.quant.quantize_activation_int8 (float32 throughout, round half to even)."""
+    mote_edge.quant.quantize_activation_int8 (float32 throughout, round half to even). torch evaluates
+    its `QB / amax` (a Python number over a tensor) as amax.reciprocal() * QB, two roundings, which differs
+    from one correctly rounded 127 / amax for a quarter of all amax values: so the same two steps here."""
     x = np.asarray(x, np.float32)
     amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(eps))
-    q = np.clip(np.rint(x * (np.float32(QB) / amax)), -QB - 1, QB)
+    q = np.clip(np.rint(x * ((np.float32(1) / amax) * np.float32(QB))), -QB - 1, QB)
     return q, amax / np.float32(QB)
 
 

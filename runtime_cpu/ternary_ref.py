@@ -47,12 +47,12 @@ def ref_gemm(codes: np.ndarray, q: np.ndarray, step: np.ndarray, scale: np.ndarr
 
 def quant_act_ref(x: np.ndarray, eps: float, kp: int):
     """Per-token int8 activations as mote_quant_act (and mote_edge.quant) make them, in float32:
-    amax = max(max|x|, eps), q = clip(rint(x * (127 / amax)), -128, 127) (round half to even), zero padding
+    amax = max(max|x|, eps), q = clip(rint(x * ((1 / amax) * 127)), -128, 127) (round half to even), zero padding
     to kp, sumq = sum q (int32), step = amax / 127. Returns (q int8 [T, kp], sumq int32 [T], step f32 [T])."""
     x = np.asarray(x, np.float32)
     t, k = x.shape
     amax = np.maximum(np.abs(x).max(axis=1), np.float32(eps)).astype(np.float32)
-    inv = (np.float32(127.0) / amax).astype(np.float32)
+    inv = ((np.float32(1.0) / amax) * np.float32(127.0)).astype(np.float32)  # torch's 127 / amax
     qf = np.clip(np.rint(x * inv[:, None]), -128, 127)
     q = np.zeros((t, kp), np.int8)
     q[:, :k] = qf.astype(np.int8)

@@ -32,7 +32,8 @@
 int mote_quant_act(const float *x, int64_t x_stride, int64_t T, int64_t K, int64_t Kp, float eps, int8_t *q,
                    int64_t q_stride, int32_t *sumq, float *step, int isa) {
     /* Scalar on every ISA: it is O(T * K) against the product's O(T * K * N), and plain C keeps the exact
-     * float32 semantics numpy and torch use (one multiply by 127/amax, rint = round half to even). */
+     * float32 semantics torch uses: its `127 / amax` is amax.reciprocal() * 127 (two roundings, not one
+     * division), then one multiply and rint (round half to even). */
     if (mote_isa_pick(isa) < 0) return -1;
     if (T < 0 || K <= 0 || Kp < K || Kp % 256 || q_stride < Kp || x_stride < K) return -2;
     for (int64_t t = 0; t < T; t++) {
@@ -44,7 +45,7 @@ int mote_quant_act(const float *x, int64_t x_stride, int64_t T, int64_t K, int64
             amax = a > amax ? a : amax;
         }
         amax = amax > eps ? amax : eps;
-        const float inv = 127.0f / amax;
+        const float inv = (1.0f / amax) * 127.0f;  /* torch's 127 / amax: reciprocal, then times 127 */
         int32_t s = 0;
         for (int64_t k = 0; k < K; k++) {
             float v = rintf(xr[k] * inv);
