@@ -2,12 +2,23 @@
 
 Weights: absmean per matrix, s = mean|W|, codes = clip(round(W / s), -1, 1), value codes * s.
 Activations: absmax per token to int8 (Qb = 127), value = round(x * 127 / max|x|) * max|x| / 127.
+
+The latent weights change once per optimizer step, so TernaryLinear quantises its weight once per
+change (QuantCache), not on every call: across gradient-accumulation micro-batches, repeated calls and
+evaluation the cached form is reused. Its straight-through backward is one autograd node
+(_TernaryMatmul) instead of the elementwise STE graph on the whole matrix.
 """
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .exporters.ternary import ternary_scale as _numpy_ternary_scale
 
 EPS = 1e-5
 QB = 127
@@ -24,8 +35,15 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def ternary_scale(w: torch.Tensor) -> torch.Tensor:
     """mean|W| accumulated in float64, then rounded to fp32: the sum order of torch and numpy then
-    no longer matters, so torch-free exporters reproduce the exact same scale (and codes)."""
-    return w.detach().abs().double().mean().float().clamp(min=EPS)
+    no longer matters, so torch-free exporters reproduce the exact same scale (and codes).
+
+    On CPU this is the exporters' own function: numpy sums float32 |w| into a float64 accumulator,
+    where torch first writes a float64 copy of W (6x slower at 0.5B expert widths). The array comes
+    through DLPack: Tensor.numpy() would mark the storage unresizable, which FSDP2's resharding needs."""
+    w = w.detach()
+    if w.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.tensor(_numpy_ternary_scale(np.from_dlpack(w.float())), dtype=torch.float32)
+    return w.abs().double().mean().float().clamp(min=EPS)
 
 
 def ternary_codes(w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,11 +67,113 @@ def quantize_activation_int8(x: torch.Tensor) -> torch.Tensor:
     return ste(x, q.to(x.dtype))
 
 
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """The value of the ternary weight, codes * s in w's dtype, without gradient: equal to
+    quantize_weight_ternary(w) (clip-then-round equals round-then-clip; the final + 0 turns the -0 that
+    rounding a small negative weight gives into the +0 of an int8 zero code)."""
+    w = w.detach()
+    s = ternary_scale(w)
+    q = (w.float() / s).clamp_(-1, 1).round_()
+    return q.mul_(s).add_(0.0).to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantise once per change of the latent weight
+
+_generation = 0
+
+
+def invalidate_quantized_weights(*_args) -> None:
+    """Mark every cached quantised weight stale. Runs after every torch.optim step (a global post-step
+    hook, below): an in-place update bumps a parameter's version counter, which the cache checks too,
+    but fused AdamW updates without a bump, FSDP2 refills its unsharded parameters without one, and
+    `p.data` edits bypass it (call this after those yourself)."""
+    global _generation
+    _generation += 1
+
+
+register_optimizer_step_post_hook(invalidate_quantized_weights)
+
+
+class QuantCache:
+    """The quantised form of some latent weights, made again only when one of them changed: a new
+    optimizer step (version counter, or invalidate_quantized_weights), new storage (.to(), FSDP's
+    all-gather), or another tensor in its place. Gradient accumulation and DDP keep weights fixed
+    between steps, so micro-batches share one quantisation. Not cached while torch.compile traces.
+
+    Memory: the cached form is what the forward saves for the backward anyway (codes * s for the torch
+    path, int8 codes for Triton), so it adds nothing to the peak; between steps it stays resident."""
+
+    def __init__(self):
+        self._key, self._refs, self.value = None, (), None
+
+    def get(self, weights: list[torch.Tensor], make):
+        if torch.compiler.is_compiling():
+            return make()
+        key = (_generation, *((w._version, w.data_ptr(), w.dtype, w.device) for w in weights))
+        if (self.value is None or key != self._key or len(self._refs) != len(weights)
+                or any(r() is not w for r, w in zip(self._refs, weights))):
+            self.value = None  # free the stale form before making the new one
+            with torch.no_grad():
+                self.value = make()
+            self._key, self._refs = key, tuple(weakref.ref(w) for w in weights)
+        return self.value
+
+    # a copied or pickled module starts without a cache (weakrefs cannot be pickled; a copy would
+    # only hold a stale duplicate)
+    def __deepcopy__(self, memo):
+        return QuantCache()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class _TernaryMatmul(torch.autograd.Function):
+    """F.linear(xq, wq, bias) whose weight gradient goes to the latent weight w: the STE of
+    quantize_weight_ternary in one node. The backward takes the products autograd takes through
+    F.linear (grad_y @ wq, (xq^T @ grad_y)^T), so gradients are bit-identical to the elementwise STE."""
+
+    @staticmethod
+    def forward(ctx, xq, w, wq, bias):
+        ctx.save_for_backward(xq, wq)
+        ctx.has_bias = bias is not None
+        return F.linear(xq, wq, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xq, wq = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        dt = g.dtype  # under autocast the forward ran in bf16; grads come back in it
+        grad_x = g.mm(wq.to(dt)).reshape(xq.shape).to(xq.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = xq.reshape(-1, xq.shape[-1]).to(dt).t().mm(g).t().to(wq.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, None, grad_b
+
+
 class TernaryLinear(nn.Linear):
     """nn.Linear whose forward uses ternary weights and int8 per-token activations.
 
-    The latent full-precision weight is what trains; quantization happens on the fly.
+    The latent full-precision weight is what trains; it is quantised once per optimizer step.
+    `kernels` ("torch" or "triton", set by mote_edge.moe.set_kernels) picks the forward: fake-quantised
+    float matmul, or int8 codes on int8 tensor cores (cuda_kernels/train_ops.py).
     """
 
+    kernels = "torch"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quant_cache = QuantCache()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(quantize_activation_int8(x), quantize_weight_ternary(self.weight), self.bias)
+        w = self.weight
+        if self.kernels == "triton":
+            from .cuda_kernels import train_ops
+
+            scale, codes = self.quant_cache.get([w], lambda: train_ops.ternary_quantize(w.detach()))
+            y = train_ops.ternary_linear(x, w, codes, scale)
+            return y if self.bias is None else y + self.bias
+        return _TernaryMatmul.apply(quantize_activation_int8(x), w, self.quant_cache.get([w], lambda: fake_quant_weight(w)),
+                                    self.bias)

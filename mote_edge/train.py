@@ -3,6 +3,11 @@
 
     mote-train CKPT_DIR --data train.json --images DIR -o OUT_DIR [--stage dense|moe] ...
     torchrun --nproc_per_node N -m mote_edge.train ...   (DDP: gloo on CPU, nccl on GPU)
+    torchrun ... -m mote_edge.train ... --fsdp            (FSDP2 fully_shard: parameters, gradients and
+                                                           AdamW state sharded over the ranks)
+
+--kernels triton runs the ternary experts on the int8 Triton kernels of cuda_kernels/ (default on CUDA);
+--kernels torch on fake-quantised float matmuls (default on CPU).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from .checkpoint import atomic_dir, load_model, save_model
 from .data import ConversationDataset, collate, load_records
 from .errors import MoteError, cli_entry
 from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss
-from .moe import moe_blocks
+from .moe import KERNELS, moe_blocks, set_kernels
 from .model import mote_config
 
 STAGES = ("dense", "moe")
@@ -48,6 +53,8 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     log_every: int = 10
+    kernels: str | None = None  # None: triton on CUDA, torch elsewhere
+    fsdp: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +184,49 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
+def choose_kernels(requested: str | None, device: torch.device) -> str:
+    """The expert kernels to train with, or MoteError naming what `requested` needs."""
+    import importlib.util
+
+    kernels = requested or ("triton" if device.type == "cuda" else "torch")
+    if kernels not in KERNELS:
+        raise MoteError(f"unknown --kernels {kernels!r}; accepted: {', '.join(KERNELS)}")
+    if kernels == "torch":
+        return kernels
+    if importlib.util.find_spec("triton") is None:
+        raise MoteError("--kernels triton needs the triton package, which this install lacks; "
+                        "pip install 'mote-edge[gpu]', or use --kernels torch")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise MoteError(f"--kernels triton needs an NVIDIA GPU of compute capability 8.0 or newer (int8 tensor "
+                            f"cores); {torch.cuda.get_device_name(device)} is {major}.{minor}; use --kernels torch")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise MoteError("--kernels triton needs a CUDA GPU; on CPU it runs only under Triton's interpreter "
+                        "(TRITON_INTERPRET=1, ~1000x slower: for tests); use --kernels torch")
+    return kernels
+
+
+def shard_fsdp(model) -> None:
+    """FSDP2: every decoder layer, and the rest (root: embeddings, vision tower, connector, head), become
+    fully_shard units, so a rank holds 1/N of each parameter, its gradient and its AdamW state; a unit
+    is gathered for its forward and backward only. Frozen parameters are sharded too. (The vision tower
+    stays in the root unit: as a unit of its own, its hidden states, which transformers captures with
+    hooks for the connector, come back as None.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded state dict on rank 0 (CPU), {} elsewhere; every rank must call it (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: str | Path,
           cfg: TrainConfig, processor=None, progress: bool = True) -> dict:
     """Train and write the final checkpoint to out_dir. Returns a summary (losses, steps, time)."""
@@ -186,6 +236,11 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         raise MoteError(f"unknown stage {cfg.stage!r}; accepted: {', '.join(STAGES)}")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     rank, world, device = setup_distributed()
+    if cfg.fsdp and world < 2:
+        raise MoteError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
+    if cfg.fsdp and (cfg.save_every or cfg.resume):
+        raise MoteError("--fsdp writes the final model only; --save-every / --resume need DDP (no --fsdp)")
+    kernels = choose_kernels(cfg.kernels, device)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise MoteError(f"--batch-size {cfg.batch_size} must be divisible by ranks x --grad-accum "
                         f"({world} x {cfg.grad_accum})")
@@ -199,7 +254,11 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
 
     torch.manual_seed(cfg.seed)
     named = set_trainable(model, cfg)
+    set_kernels(model, kernels)
     model.to(device).train()
+    if cfg.fsdp:
+        shard_fsdp(model)  # replaces the parameters by sharded ones: the optimizer takes those
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     total = cfg.steps or max(1, int(cfg.epochs * len(dataset) // cfg.batch_size))
     start = 0
@@ -208,7 +267,7 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         start = load_training_state(opt, last)
     blocks = moe_blocks(model)
     net = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
@@ -227,7 +286,9 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         for j, batch in enumerate(micros):
             batch = {k: v.to(device) for k, v in batch.items()}
             sync = j == len(micros) - 1 or world == 1
-            ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            if cfg.fsdp:  # reduce-scatter the gradients only after the last micro-batch, like DDP's no_sync
+                model.set_requires_gradient_sync(sync)
+            ctx = net.no_sync() if (world > 1 and not sync and not cfg.fsdp) else contextlib.nullcontext()
             with ctx, autocast:
                 logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              pixel_values=batch.get("pixel_values")).logits
@@ -252,6 +313,11 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         if world > 1:
             dist.barrier()
     elapsed = time.perf_counter() - t0
+    if cfg.fsdp:  # gather the shards into an ordinary model on rank 0, which writes it
+        state = full_state_dict(model)
+        if rank == 0:
+            model = load_model(ckpt_dir)
+            model.load_state_dict(state)
     if rank == 0:
         model.eval()
         write_final(model, out_dir, ckpt_dir, history, cfg, elapsed)
@@ -291,6 +357,10 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT/checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints' latest")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
+                   help="ternary expert kernels: triton (int8 tensor cores; default on CUDA) or torch (default on CPU)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 instead of DDP")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 1:
@@ -300,7 +370,7 @@ def main(argv=None):
                       warmup_ratio=a.warmup_ratio,
                       weight_decay=a.weight_decay if a.weight_decay is not None else (0.1 if a.stage == "moe" else 0.0),
                       train_vision=a.train_vision, balance_coef=a.balance_coef, save_every=a.save_every,
-                      resume=a.resume, compile=a.compile, seed=a.seed)
+                      resume=a.resume, compile=a.compile, seed=a.seed, kernels=a.kernels, fsdp=a.fsdp)
     out = Path(a.output)
     if not out.parent.exists():
         raise MoteError(f"output folder's parent {str(out.parent)!r} does not exist")

@@ -2,14 +2,21 @@
 built with the project's own code (nothing is downloaded)."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# Triton's interpreter must be chosen before triton's first import (torch imports it): the suite runs the
+# GPU kernels on CPU tensors (DESIGN.md section 6). Compile gates and GPU-less error paths run in
+# subprocesses that set or clear it themselves.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mote_edge.checkpoint import save_model
-from mote_edge.synthetic import corpus_texts, make_dataset
-from mote_edge.tokenizer import build_processor, train_tokenizer
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mote_edge.checkpoint import save_model  # noqa: E402
+from mote_edge.synthetic import corpus_texts, make_dataset  # noqa: E402
+from mote_edge.tokenizer import build_processor, train_tokenizer  # noqa: E402
 from mote_edge.upcycle import upcycle
 
 # Test-sized model: small, fast, but every part present (SigLIP tower, GELU MLP, Qwen2 with GQA).
