@@ -42,6 +42,16 @@ def packed_bytes(n: int, kp: int) -> int:
     return int(_lib().mote_lut_packed_bytes(n, kp))
 
 
+def stored_bytes(packed: np.ndarray) -> int:
+    """Bytes of a packed matrix the kernels read (header + tiles; K's padding to Kp is not stored): the
+    memory the repacked copy really takes, as its header says."""
+    packed = _bytes_view(packed)
+    if packed.nbytes < 64 or packed[:8].tobytes() != b"MOTELUT1":
+        raise MoteExportError("not a LUT-packed ternary matrix (no MOTELUT1 header)")
+    n, _, ncols = (int(v) for v in np.frombuffer(packed[24:48].tobytes(), "<i8"))
+    return 64 + -(-n // 32) * ncols * 64
+
+
 def _bytes_view(buf) -> np.ndarray:
     a = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
     if a.dtype != np.uint8 or not a.flags.c_contiguous:
@@ -51,14 +61,18 @@ def _bytes_view(buf) -> np.ndarray:
 
 def lut_pack(codes_layout_bytes, block_bytes: int, row_bytes: int, n: int, kp: int) -> np.ndarray:
     """TQ2_0-layout codes (N rows of `row_bytes`, Kp / 256 blocks of `block_bytes`: 66 = GGUF TQ2_0 in place,
-    64 = repacked) -> uint8 [packed_bytes(N, Kp)] in the LUT layout. A code 3 (not ternary) is refused."""
+    64 = repacked) -> uint8 [packed_bytes(N, Kp)] in the LUT layout, 64-byte aligned (keep it so when copying
+    it elsewhere: the kernels are correct at any alignment, ~20% slower off cache lines). Pages past the
+    stored columns (K's padding to Kp) are never touched. A code 3 (not ternary) is refused."""
     _check_sizes(n, kp)
     src = _bytes_view(codes_layout_bytes)
     need = (n - 1) * row_bytes + kp // 256 * block_bytes if n else 0
     if block_bytes < 64 or row_bytes < kp // 256 * block_bytes or src.nbytes < need:
         raise MoteExportError(f"ternary codes of {src.nbytes} bytes do not hold {n} x {kp} in {block_bytes}-byte blocks "
                               f"{row_bytes} bytes apart ({need} bytes needed)")
-    dst = np.empty(packed_bytes(n, kp), np.uint8)
+    size = packed_bytes(n, kp)
+    buf = np.empty(size + 64, np.uint8)  # tiles on 64-byte lines: a split line per load costs ~20% (any alignment is correct)
+    dst = buf[(-buf.ctypes.data) % 64:][:size]
     rc = _lib().mote_lut_pack(src.ctypes.data, block_bytes, row_bytes, n, kp, dst.ctypes.data)
     if rc == -3:
         raise MoteExportError(f"the {n} x {kp} ternary codes hold a code 3, which is not a ternary weight (0, 1, 2 = -1, 0, +1)")

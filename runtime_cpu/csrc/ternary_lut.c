@@ -16,28 +16,30 @@
  *
  * Packed weight layout (version 1), made by mote_lut_pack from the TQ2_0 code layout:
  *   64-byte header: "MOTELUT1", u32 version = 1, u32 row tile = 32, u32 weights per column = 9, u32 0,
- *                   i64 N, i64 Kp, i64 ncols, zeros;  ncols = ceil((k_last + 1) / 9) <= ceil(Kp / 9) where k_last
- *                   is the last weight that is not zero in any row (so K's zero padding to Kp is not stored);
- *   then ceil(N / 32) row tiles, each ncols columns of 64 bytes (mote_lut_packed_bytes, the allocation, counts
- *   ceil(Kp / 9) columns: the tail past the stored tiles is never written or read): 32 little-endian uint16 words, one per row:
- *   word 2 r = row r, word 2 r + 1 = row 16 + r (r < 16), so that the even / odd halves of the 32-bit lanes
- *   widen straight to rows 0..15 and 16..31.
- *   Word bits 5 j .. 5 j + 4 (j = 0, 1, 2) hold the field of group 3 c + j of the column c, i.e. the
- *   weights 9 c + 3 j + {0, 1, 2}; bit 15 is 0. Weights past Kp and rows past N are zero (field 0).
- *   1.78 bits per weight (16 bits per 9 weights) against TQ2_0's 2 (+ its fp16 d).
+ *     i64 N, i64 Kp, i64 ncols, zeros. ncols = ceil((k_last + 1) / 9) <= ceil(Kp / 9), k_last = the last k
+ *     holding a non-zero weight in any row, so K's zero padding to Kp (896 -> 1024) is neither stored nor read.
+ *   Then ceil(N / 32) row tiles, each ncols columns of 64 bytes = 32 little-endian uint16 words, one per row:
+ *     word 2 r = row r, word 2 r + 1 = row 16 + r (r < 16), so the even / odd halves of the 32-bit lanes
+ *     widen straight to rows 0..15 and 16..31. Bits 5 j .. 5 j + 4 (j = 0, 1, 2) of a word hold the field of
+ *     the weights 9 c + 3 j + {0, 1, 2} of the column c; bit 15 is 0; rows past N are zero (field 0).
+ *   1.78 bits per weight (16 per 9) against TQ2_0's 2 (+ its fp16 d). mote_lut_packed_bytes (the allocation)
+ *   counts ceil(Kp / 9) columns; the tail past the stored tiles is never written or read.
  *
- * Paths (one lookup = 32 rows x 3 weights on AVX512):
- *   AVX512 (BW/VBMI machines): vpermw: the word of the column is its own index vector (vpermw reads the
- *     low 5 bits of each word), the next two fields are 2 shifts away; one vpermw + one vpaddw per field.
- *   AVX2: vpshufb on 16-entry byte tables of |T|: lo and hi bytes looked up separately with the index
- *     placed in the low resp. high byte of each word (the other byte indexes entry 0, which is 0), or-ed to
- *     the exact int16 entry, sign applied with vpsignw from the field's s bit.
- *   NEON: tbl with the 64-byte int16 table (4 registers), byte indices 2 f and 2 f + 1 per word.
- *   scalar: the same tables, one lookup per field.
- * Work split: the tables of a block of tokens are built first (in parallel over columns), then threads take
- * ranges of row tiles; inside a range the columns go in chunks whose tables (for up to TOK_BLOCK tokens)
- * stay in L1, and each chunk sweeps the range's tiles (whose weights stay in L2), so prefill shares each
- * weight load and index computation across the tokens of a block.
+ * Paths:
+ *   AVX512 (BW/VBMI machines): vpermw with the 32-entry int16 table: the column's word vector is its own
+ *     index vector (vpermw reads the low 5 bits of each word), the next two fields are a shift away; one
+ *     vpermw + one vpaddw per field, i.e. per 32 rows x 3 weights. Tables are loaded once per two tiles.
+ *     Measured here (Xeon, Sapphire-Rapids class): vpermw zmm is 2 uops (p0 + p5, vpermb / vpshufb are 1),
+ *     so a column of a tile (288 weights) costs 11 uops, ~7-8 cycles in the loop: the floor of this layout.
+ *   AVX2: vpshufb on 16-entry byte tables of T(m): lo and hi bytes looked up separately with the index in
+ *     the low resp. high byte of each word (the other byte indexes entry 0, which is 0), or-ed into the exact
+ *     int16 entry, the sign applied with vpsignw from the field's s bit.
+ *   NEON: tbl (vqtbl4q) with the 64-byte int16 table, byte indices 2 f and 2 f + 1 per word.
+ *   scalar: the same int16 tables, one lookup per field, int32 sums.
+ * Work split: the tables of a block of tokens are built first (by the caller for decode-sized sets, else in
+ * parallel over columns), then threads take ranges of row tiles; inside a range the columns go in chunks whose
+ * tables (for up to TOK_BLOCK tokens) stay in L1 while the chunk sweeps the range's tiles (their weights stay
+ * in L2), so prefill shares each weight load and index shift across the tokens of a block.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -224,13 +226,22 @@ typedef struct {
     int64_t build_cols;            /* columns per table-build item */
 } lut_job;
 
+/* step, scale and y may sit at any byte address (numpy views): scalar accesses go through memcpy (a plain
+ * load / store once compiled) so a misaligned float is not undefined behaviour; vector paths use loadu. */
+static inline float ld_f32(const float *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 static void epilogue_scalar(const lut_job *J, int64_t tile, int64_t t, const int32_t *acc) {
-    const double st = (double)J->step[t];
+    const double st = (double)ld_f32(J->step + t);
     float *yt = J->y + t * J->y_stride;
     for (int r = 0; r < ROW_TILE; r++) {
         const int64_t n = tile * ROW_TILE + r;
         if (n >= J->N) break;
-        yt[n] = (float)((double)acc[r] * (st * (double)J->scale[n]));
+        const float v = (float)((double)acc[r] * (st * (double)ld_f32(J->scale + n)));
+        memcpy(yt + n, &v, sizeof v);
     }
 }
 
@@ -296,7 +307,7 @@ T512 static inline void flush512(__m512i a16, int32_t *acc) {
     _mm512_storeu_si512(acc + 16, _mm512_add_epi32(_mm512_loadu_si512(acc + 16), od));
 }
 
-/* NTL (1 or 2) tiles from `tile`, columns [c0, c1), NT tokens (compile-time constants at each call, so the
+/* NTL (1, 2 or 4) tiles from `tile`, columns [c0, c1), NT tokens (compile-time constants at each call, so the
  * accumulators stay in registers); a table is loaded once for both tiles. acc: [tile][token][32]. */
 T512 __attribute__((always_inline)) static inline void tile512(const lut_job *J, int64_t tile, const int NTL, int64_t c0,
                                                                 int64_t c1, int64_t tb, const int NT, int32_t *acc) {
@@ -304,14 +315,14 @@ T512 __attribute__((always_inline)) static inline void tile512(const lut_job *J,
     const int64_t tstride = J->ncols * COL_BYTES;
     const uint8_t *tab[TOK_BLOCK];
     for (int t = 0; t < NT; t++) tab[t] = J->tab + (tb + t) * J->tok_stride + c0 * 3 * 64;
-    __m512i a[2][TOK_BLOCK];
+    __m512i a[4][TOK_BLOCK];
     int64_t c = c0;
     while (c < c1) {
         const int64_t ce = c + FLUSH_COLS < c1 ? c + FLUSH_COLS : c1;
         for (int i = 0; i < NTL; i++)
             for (int t = 0; t < NT; t++) a[i][t] = _mm512_setzero_si512();
         for (; c < ce; c++, col += COL_BYTES) {
-            __m512i f0[2], f1[2], f2[2];
+            __m512i f0[4], f1[4], f2[4];
             for (int i = 0; i < NTL; i++) {
                 f0[i] = _mm512_loadu_si512((const void *)(col + i * tstride));
                 f1[i] = _mm512_srli_epi16(f0[i], 5);
@@ -335,29 +346,37 @@ T512 __attribute__((always_inline)) static inline void tile512(const lut_job *J,
 
 T512 static void tile_avx512(const lut_job *J, int64_t tile, int ntl, int64_t c0, int64_t c1, int64_t tb, int nt,
                              int32_t *acc) {
+    /* decode and 2-token blocks take 4 tiles at a time (a table load serves 4 lookups), longer blocks 2 */
+    if (ntl >= 4 && nt <= 2) {
+        if (nt == 1)
+            tile512(J, tile, 4, c0, c1, tb, 1, acc);
+        else
+            tile512(J, tile, 4, c0, c1, tb, 2, acc);
+        ntl -= 4;
+        tile += 4;
+        acc += 4 * nt * ROW_TILE;
+    }
+    for (; ntl > 0; ntl -= 2, tile += 2, acc += 2 * nt * ROW_TILE) {
 #define TILE512_CASE(n)                                          \
     case n:                                                      \
-        if (ntl == 2)                                            \
+        if (ntl >= 2)                                            \
             tile512(J, tile, 2, c0, c1, tb, n, acc);             \
         else                                                     \
             tile512(J, tile, 1, c0, c1, tb, n, acc);             \
         break;
-    switch (nt) {
-        TILE512_CASE(1)
-        TILE512_CASE(2)
-        TILE512_CASE(3)
-        TILE512_CASE(4)
-        TILE512_CASE(5)
-        TILE512_CASE(6)
-        TILE512_CASE(7)
-    default:
-        if (ntl == 2)
-            tile512(J, tile, 2, c0, c1, tb, 8, acc);
-        else
-            tile512(J, tile, 1, c0, c1, tb, 8, acc);
-        break;
-    }
+        switch (nt) {
+            TILE512_CASE(1)
+            TILE512_CASE(2)
+            TILE512_CASE(3)
+            TILE512_CASE(4)
+            TILE512_CASE(5)
+            TILE512_CASE(6)
+            TILE512_CASE(7)
+            TILE512_CASE(8)
+        default: break;
+        }
 #undef TILE512_CASE
+    }
 }
 
 T512 static void epilogue_avx512(const lut_job *J, int64_t tile, int64_t t, const int32_t *acc) {
@@ -365,7 +384,7 @@ T512 static void epilogue_avx512(const lut_job *J, int64_t tile, int64_t t, cons
         epilogue_scalar(J, tile, t, acc);
         return;
     }
-    const __m512d st = _mm512_set1_pd((double)J->step[t]);
+    const __m512d st = _mm512_set1_pd((double)ld_f32(J->step + t));
     float *yt = J->y + t * J->y_stride + tile * ROW_TILE;
     const float *sc = J->scale + tile * ROW_TILE;
     for (int r = 0; r < ROW_TILE; r += 8) {
@@ -419,7 +438,7 @@ T2 __attribute__((always_inline)) static inline void half256(const lut_job *J, i
     const uint8_t *col = J->tiles + (tile * J->ncols + c0) * COL_BYTES + 32 * h;
     const uint8_t *tab[4];
     for (int t = 0; t < NT; t++) tab[t] = J->tab + (tb + t) * J->tok_stride + c0 * 3 * 32;
-    const __m256i lo4 = _mm256_set1_epi16(0x000f), hi4 = _mm256_set1_epi16(0x0f00);
+    const __m256i lo4 = _mm256_set1_epi16(0x000f);
     __m256i a[4];
     int64_t c = c0;
     while (c < c1) {
@@ -427,11 +446,12 @@ T2 __attribute__((always_inline)) static inline void half256(const lut_job *J, i
         for (int t = 0; t < NT; t++) a[t] = _mm256_setzero_si256();
         for (; c < ce; c++, col += COL_BYTES) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)col);
-            const __m256i l0 = _mm256_and_si256(w, lo4), h0 = _mm256_and_si256(_mm256_slli_epi16(w, 8), hi4);
-            const __m256i s0 = _mm256_slli_epi16(w, 11);
-            const __m256i l1 = _mm256_and_si256(_mm256_srli_epi16(w, 5), lo4), h1 = _mm256_and_si256(_mm256_slli_epi16(w, 3), hi4);
+            /* m of field j in the low byte (high byte 0), in the high byte (low byte 0), and the word with
+             * field j's s bit at bit 15 (non-zero whenever m is) for vpsignw */
+            const __m256i l0 = _mm256_and_si256(w, lo4), h0 = _mm256_slli_epi16(l0, 8), s0 = _mm256_slli_epi16(w, 11);
+            const __m256i l1 = _mm256_and_si256(_mm256_srli_epi16(w, 5), lo4), h1 = _mm256_slli_epi16(l1, 8);
             const __m256i s1 = _mm256_slli_epi16(w, 6);
-            const __m256i l2 = _mm256_and_si256(_mm256_srli_epi16(w, 10), lo4), h2 = _mm256_and_si256(_mm256_srli_epi16(w, 2), hi4);
+            const __m256i l2 = _mm256_and_si256(_mm256_srli_epi16(w, 10), lo4), h2 = _mm256_slli_epi16(l2, 8);
             const __m256i s2 = _mm256_slli_epi16(w, 1);
             for (int t = 0; t < NT; t++) {
                 const __m256i e = _mm256_add_epi16(_mm256_add_epi16(look2(l0, h0, s0, tab[t]), look2(l1, h1, s1, tab[t] + 32)),
@@ -444,21 +464,22 @@ T2 __attribute__((always_inline)) static inline void half256(const lut_job *J, i
     }
 }
 
+/* Each tile's halves in turn, tokens in blocks of up to 4 (registers: 16 on AVX2). */
 T2 static void tile_avx2(const lut_job *J, int64_t tile0, int ntl, int64_t c0, int64_t c1, int64_t tb, int nt,
                          int32_t *acc0) {
     for (int i = 0; i < ntl; i++) {
-    const int64_t tile = tile0 + i;
-    int32_t *acc = acc0 + i * nt * ROW_TILE;
-    for (int h = 0; h < 2; h++) {
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) half256(J, tile, h, c0, c1, tb + t, 4, acc + t * ROW_TILE);
-        switch (nt - t) {
-        case 1: half256(J, tile, h, c0, c1, tb + t, 1, acc + t * ROW_TILE); break;
-        case 2: half256(J, tile, h, c0, c1, tb + t, 2, acc + t * ROW_TILE); break;
-        case 3: half256(J, tile, h, c0, c1, tb + t, 3, acc + t * ROW_TILE); break;
-        default: break;
+        const int64_t tile = tile0 + i;
+        int32_t *acc = acc0 + i * nt * ROW_TILE;
+        for (int h = 0; h < 2; h++) {
+            int t = 0;
+            for (; t + 4 <= nt; t += 4) half256(J, tile, h, c0, c1, tb + t, 4, acc + t * ROW_TILE);
+            switch (nt - t) {
+            case 1: half256(J, tile, h, c0, c1, tb + t, 1, acc + t * ROW_TILE); break;
+            case 2: half256(J, tile, h, c0, c1, tb + t, 2, acc + t * ROW_TILE); break;
+            case 3: half256(J, tile, h, c0, c1, tb + t, 3, acc + t * ROW_TILE); break;
+            default: break;
+            }
         }
-    }
     }
 }
 
@@ -467,7 +488,7 @@ T2 static void epilogue_avx2(const lut_job *J, int64_t tile, int64_t t, const in
         epilogue_scalar(J, tile, t, acc);
         return;
     }
-    const __m256d st = _mm256_set1_pd((double)J->step[t]);
+    const __m256d st = _mm256_set1_pd((double)ld_f32(J->step + t));
     float *yt = J->y + t * J->y_stride + tile * ROW_TILE;
     const float *sc = J->scale + tile * ROW_TILE;
     for (int r = 0; r < ROW_TILE; r += 4) {
@@ -516,28 +537,29 @@ __attribute__((always_inline)) static inline void quarter_neon(const lut_job *J,
     }
 }
 
+/* Each tile's quarters in turn, tokens in blocks of up to 4 (registers: 16 on AVX2). */
 static void tile_neon(const lut_job *J, int64_t tile0, int ntl, int64_t c0, int64_t c1, int64_t tb, int nt,
                       int32_t *acc0) {
     for (int i = 0; i < ntl; i++) {
-    const int64_t tile = tile0 + i;
-    int32_t *acc = acc0 + i * nt * ROW_TILE;
-    for (int k = 0; k < 4; k++) {
-        int t = 0;
-        for (; t + 4 <= nt; t += 4) quarter_neon(J, tile, k, c0, c1, tb + t, 4, acc + t * ROW_TILE);
-        switch (nt - t) {
-        case 1: quarter_neon(J, tile, k, c0, c1, tb + t, 1, acc + t * ROW_TILE); break;
-        case 2: quarter_neon(J, tile, k, c0, c1, tb + t, 2, acc + t * ROW_TILE); break;
-        case 3: quarter_neon(J, tile, k, c0, c1, tb + t, 3, acc + t * ROW_TILE); break;
-        default: break;
+        const int64_t tile = tile0 + i;
+        int32_t *acc = acc0 + i * nt * ROW_TILE;
+        for (int k = 0; k < 4; k++) {
+            int t = 0;
+            for (; t + 4 <= nt; t += 4) quarter_neon(J, tile, k, c0, c1, tb + t, 4, acc + t * ROW_TILE);
+            switch (nt - t) {
+            case 1: quarter_neon(J, tile, k, c0, c1, tb + t, 1, acc + t * ROW_TILE); break;
+            case 2: quarter_neon(J, tile, k, c0, c1, tb + t, 2, acc + t * ROW_TILE); break;
+            case 3: quarter_neon(J, tile, k, c0, c1, tb + t, 3, acc + t * ROW_TILE); break;
+            default: break;
+            }
         }
-    }
     }
 }
 #endif /* __aarch64__ */
 
 /* ---- driver -------------------------------------------------------------------------------------------- */
 
-/* (job, first tile, tiles (1 or 2), columns [c0, c1), first token of the block, tokens, acc [tile][token][32]) */
+/* (job, first tile, tiles (1..4), columns [c0, c1), first token of the block, tokens, acc [tile][token][32]) */
 typedef void (*tile_fn)(const lut_job *, int64_t, int, int64_t, int64_t, int64_t, int, int32_t *);
 typedef void (*epi_fn)(const lut_job *, int64_t, int64_t, const int32_t *);
 
@@ -587,8 +609,8 @@ static void gemm_tiles(void *ctx, int64_t b, int64_t e) {
             memset(acc, 0, sizeof(int32_t) * (size_t)((be - b) * nt * ROW_TILE));
             for (int64_t c0 = 0; c0 < J->ncols; c0 += cc) {
                 const int64_t c1 = c0 + cc < J->ncols ? c0 + cc : J->ncols;
-                for (int64_t tile = b; tile < be; tile += 2)
-                    tf(J, tile, tile + 1 < be ? 2 : 1, c0, c1, tb, nt, acc + (tile - b) * nt * ROW_TILE);
+                for (int64_t tile = b; tile < be; tile += 4)
+                    tf(J, tile, (int)(be - tile < 4 ? be - tile : 4), c0, c1, tb, nt, acc + (tile - b) * nt * ROW_TILE);
             }
             for (int64_t tile = b; tile < be; tile++)
                 for (int t = 0; t < nt; t++) ef(J, tile, J->t0 + tb + t, acc + ((tile - b) * nt + t) * ROW_TILE);
@@ -642,13 +664,17 @@ int mote_lut_gemm(const uint8_t *packed, int64_t N, int64_t Kp, const int8_t *q,
     J.tab = table_buffer((size_t)(ts * J.tok_stride));
     if (!J.tab) return -3;
     const int64_t ntiles = ntiles_of(N), threads = mote_threads();
-    int64_t grain = ntiles / (4 * threads);
-    grain = grain < 1 ? 1 : (grain > TILE_GRAIN_MAX ? TILE_GRAIN_MAX : grain);
+    int64_t grain = ntiles / (4 * threads);  /* ~4 chunks a thread; a multiple of 4 tiles where it can be */
+    grain = grain < 1 ? 1 : (grain > TILE_GRAIN_MAX ? TILE_GRAIN_MAX : (grain >= 4 ? grain / 4 * 4 : grain));
     const int64_t per_tok = (J.ncols + J.build_cols - 1) / J.build_cols;
     for (int64_t t0 = 0; t0 < T; t0 += ts) {
         J.t0 = t0;
         J.ts = t0 + ts <= T ? ts : T - t0;
-        mote_parallel_for(build_items, &J, J.ts * per_tok, 1);
+        /* a decode-sized table set (a few microseconds) is built by the caller: one pool round trip less */
+        if (J.ts * J.ncols <= 4096)
+            build_items(&J, 0, J.ts * per_tok);
+        else
+            mote_parallel_for(build_items, &J, J.ts * per_tok, 1);
         mote_parallel_for(gemm_tiles, &J, ntiles, grain);
     }
     return 0;
