@@ -15,6 +15,8 @@ Writes OUT/device_check.json and OUT/device_check.md (temporary names, then rena
                enough copies to exceed the L2 cache (decode reads every layer's weights from HBM once)
   sweeps       a few GEMV / GEMM configs per shape (the data to pick SHIPPED and the GEMV/CUDA-C choice from)
   grouped      all experts of a layer in one launch vs a bf16 per-expert loop and torch._grouped_mm
+  engine       the GPU engine (engine.py) at the 1.5B and 3B shapes with random weights: batch-1 greedy decode
+               tokens/s after a 512-token prefill, against the bound of the bytes a step reads at copy bandwidth
   train        if the training ops (cuda_kernels/train_ops.py) import: one MoTE moe-layer step (Triton
                ternary experts + bf16 shared expert) against the MoE-LLaVA layer (4 bf16 experts, top-2),
                forward + backward at the Qwen2.5-0.5B shape; skipped with the reason otherwise
@@ -65,6 +67,10 @@ DECODE_GEMM_SWEEP = [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stag
 PREFILL_SWEEP = [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=1, num_warps=w, num_stages=st)
                  for bm, bn, bk, w, st in ((128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 128, 8, 3),
                                            (128, 128, 64, 4, 4))]
+# the GPU engine's decode: Qwen2.5 shapes (every layer MoTE: shared expert + 4 ternary experts, top-1, tied head)
+ENGINE_MODELS = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936),
+                 "qwen2.5-3b": dict(layers=36, hidden=2048, ffn=11008, heads=16, kv_heads=2, vocab=151936)}
+TINY_ENGINE = {"tiny": dict(layers=2, hidden=64, ffn=96, heads=4, kv_heads=2, vocab=128)}
 FP32_RTOL = 1e-6
 BF16_RTOL = 2.0**-7  # one bf16 step (the interpreter truncates where the GPU rounds to nearest)
 
@@ -458,6 +464,29 @@ def grouped_bench(run: Run, W, copy_gbs: float):
                 f"{v} {t['median_us']:.1f}us" for v, t in row["us"].items() if "median_us" in t))
 
 
+def engine_bench(run: Run, copy_gbs: float):
+    """GPU-engine decode at batch 1 (engine.random_llm: random weights made on the device, no files), each step
+    as mote-run's stream takes it (embedding row up, forward, argmax back); against the HBM bound: the bytes a
+    step reads (every float weight, top-1 of 4 routed experts, the KV cache) at the measured copy bandwidth."""
+    from . import engine as E
+
+    torch = run.torch
+    prompt, tokens = (4, 2) if run.interpret else (512, 64)
+    for model, shape in (TINY_ENGINE if run.interpret else ENGINE_MODELS).items():
+        if run.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        llm = E.random_llm(**shape, n_ctx=prompt + tokens + 8, device=run.dev.type, kernel="triton")
+        t = E.time_decode(llm, prompt, tokens)
+        bound = copy_gbs * 1e9 / t["bytes_per_token"]
+        row = {"model": model, **t, "bound_tokens_per_s": bound, "of_bound": t["tokens_per_s"] / bound,
+               "peak_allocated_bytes": torch.cuda.max_memory_allocated() if run.dev.type == "cuda" else None}
+        run.report.setdefault("engine", []).append(row)
+        run.log(f"engine {model}: {t['tokens_per_s']:.1f} tokens/s, {row['of_bound']:.0%} of the bound {bound:.0f}")
+        del llm
+        if run.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def train_bench(run: Run):
     """One moe-layer step (forward + backward) with the training helper's ops, against MoE-LLaVA's layer."""
     torch = run.torch
@@ -617,6 +646,10 @@ def markdown(report: dict) -> str:
         lines.append(f"- {r['model']} {r['matrix']} tokens {r['tokens']} counts {r['counts']}: " + ", ".join(
             f"{v} {t['median_us']:.1f}" if "median_us" in t else f"{v} {t['error']}" for v, t in r["us"].items())
             + "; speedup vs bf16 loop: " + ", ".join(f"{v} {x:.2f}" for v, x in r["speedup_vs_bf16_loop"].items()))
+    lines += ["", "## GPU engine decode (batch 1, random weights; target >= 60% of the bound)", ""]
+    lines += [f"- {r['model']}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens after a {r['prompt']}-token "
+              f"prompt); a step reads {r['bytes_per_token'] / 2**20:.1f} MiB: bound {r['bound_tokens_per_s']:.0f} "
+              f"tokens/s at copy bandwidth, {r['of_bound']:.0%} of it" for r in report.get("engine", [])]
     tr = report.get("train", {})
     lines += ["", "## Training (one moe layer, forward + backward)", ""]
     if "skipped" in tr:
@@ -689,7 +722,8 @@ def main(argv=None):
     steps = [("correctness", lambda: correctness(run, W, cuda_lib))]
     steps += [("bandwidth", lambda: run.report.__setitem__("copy_GBps", bandwidth(run))),
               ("linear", lambda: linear_bench(run, W, cuda_lib, run.report["copy_GBps"], not a.skip_sweeps)),
-              ("grouped", lambda: grouped_bench(run, W, run.report["copy_GBps"]))]
+              ("grouped", lambda: grouped_bench(run, W, run.report["copy_GBps"])),
+              ("engine", lambda: engine_bench(run, run.report["copy_GBps"]))]
     if not a.skip_train:
         steps.append(("train", lambda: train_bench(run)))
     for name, f in steps:

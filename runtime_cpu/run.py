@@ -6,6 +6,7 @@
              [--top-k K] [--top-p P] [--seed S]
              [--memory-limit SIZE (refuse, before loading, a run the engine plans to need more for)]
              [--kernel auto|mad|lut|numpy] [--routes routes.json]   (--engine mote)
+             (--engine cuda: the GPU engine, cuda_kernels/engine.py: torch + triton, a CUDA GPU sm_80+)
 
 The answer streams to stdout; time to first token, decode speed and peak RSS go to stderr.
 
@@ -30,9 +31,10 @@ from ..exporters.gguf_file import mmproj_path
 from ..exporters.units import SIZE_HELP, human, parse_size
 from .memory import peak_rss_mib
 
-# engine name -> module (imported only when chosen, so one engine's missing library never stops another)
+# engine name -> module (imported only when chosen, so one engine's missing library never stops another;
+# the cuda engine lives with the GPU kernels and needs torch + triton, which this front never imports)
 ENGINES = {"llama.cpp": "mote_edge.runtime_cpu.llama_engine", "onnxruntime": "mote_edge.runtime_cpu.onnx_engine",
-           "mote": "mote_edge.runtime_cpu.mote_engine"}
+           "mote": "mote_edge.runtime_cpu.mote_engine", "cuda": "mote_edge.cuda_kernels.engine"}
 DEFAULT_ENGINE = "llama.cpp"
 
 
@@ -72,8 +74,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (default 0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
-    p.add_argument("--kernel", default=None, choices=("auto", "mad", "lut", "numpy"),
-                   help="--engine mote: ternary kernels, C multiply-add / C lookup-table / numpy (default auto)")
+    p.add_argument("--kernel", default=None, choices=("auto", "mad", "lut", "numpy", "triton", "torch"),
+                   help="--engine mote: ternary kernels, C multiply-add / C lookup-table / numpy (default auto: "
+                        "measured per shape); --engine cuda: triton (default) / torch")
+    p.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"),
+                   help="--engine cuda: the torch device (default cuda; cpu runs the same engine for testing)")
     p.add_argument("--routes", default=None, metavar="JSON",
                    help="--engine mote: write which experts every image and text token chose in every MoE layer "
                         "(plot it with mote-routes)")
@@ -114,11 +119,11 @@ def main(argv=None):
             if not path.is_file():
                 hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if path is proj else ""
                 raise MoteExportError(f"{what} file {str(path)!r} does not exist{hint}")
-    opts = {k: getattr(a, k) for k in ("kernel", "routes") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("kernel", "routes", "device") if getattr(a, k) is not None}
     foreign = sorted(set(opts) - set(getattr(engine, "OPTIONS", ())))
     if foreign:
         raise MoteExportError(f"{', '.join('--' + k for k in foreign)}: not an option of --engine {a.engine} "
-                              "(--kernel and --routes are the mote engine's)")
+                              "(--kernel: the mote and cuda engines'; --routes: the mote engine's; --device: cuda's)")
     n_ctx = a.n_ctx
     if a.memory_limit is not None:
         n_ctx = check_memory(engine, model, proj, n_ctx, a.memory_limit, opts)
