@@ -145,19 +145,17 @@ def _write_json_atomic(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def make_split(out_dir, split: str, n: int, seed: int = 0) -> list[dict]:
-    """Generate one split's images and JSON; returns its records."""
-    out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+def generate_split(split: str, n: int, seed: int = 0):
+    """Yield one split's (record, image) pairs in order, without writing anything.
+
+    The random stream is seeded by the split's name, so splits never share a draw."""
     # A string seed is hashed with SHA-512 by random.Random, so this is stable
     # across processes (unlike hash()) and distinct per split.
     rng = random.Random(f"mote-synthetic:{seed}:{split}")
     # Exactly balanced question types, in random order.
     qtypes = [QUESTION_TYPES[i % len(QUESTION_TYPES)] for i in range(n)]
     rng.shuffle(qtypes)
-    records = []
-    for i, qtype in enumerate(tqdm(qtypes, desc=f"{split} images", leave=False)):
+    for i, qtype in enumerate(qtypes):
         while True:
             shapes = _random_scene(rng)
             qa = _ask(qtype, shapes, rng)
@@ -165,8 +163,8 @@ def make_split(out_dir, split: str, n: int, seed: int = 0) -> list[dict]:
                 break
         question, answer = qa
         rid = f"{split}_{i:05d}"
-        _render(shapes, rng).save(image_dir / f"{rid}.png")
-        records.append({
+        image = _render(shapes, rng)
+        yield {
             "id": rid,
             "image": f"{rid}.png",
             "question_type": qtype,
@@ -175,10 +173,33 @@ def make_split(out_dir, split: str, n: int, seed: int = 0) -> list[dict]:
                 {"from": "human", "value": f"<image>\n{question}"},
                 {"from": "gpt", "value": answer},
             ],
-        })
+        }, image
+
+
+def make_split(out_dir, split: str, n: int, seed: int = 0) -> list[dict]:
+    """Generate one split's images and JSON; returns its records."""
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for record, image in tqdm(generate_split(split, n, seed), total=n, desc=f"{split} images", leave=False):
+        image.save(image_dir / record["image"])
+        records.append(record)
     # JSON last: if it exists, all its images are already on disk.
     _write_json_atomic(out_dir / f"{split}.json", records)
     return records
+
+
+# The large held-out split for measurements whose differences must clear the noise (the accuracy ladder,
+# benchmarks/accuracy.py): its own split name, so its own random stream, disjoint from train / val / test
+# (tested); the 300-question "test" split the checkpoints are scored on is unchanged.
+HELDOUT_SPLIT = "heldout"
+HELDOUT_SIZE = 2000
+
+
+def make_heldout(out_dir, n: int = HELDOUT_SIZE, seed: int = 0) -> list[dict]:
+    """Write ``out_dir/heldout.json`` and its images (ids ``heldout_NNNNN``)."""
+    return make_split(out_dir, HELDOUT_SPLIT, n, seed)
 
 
 def make_dataset(out_dir, n_train: int = 6000, n_val: int = 300, n_test: int = 300,
@@ -203,8 +224,12 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=int, default=300)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", type=int, default=0,
+                        help=f"also write the large held-out split {HELDOUT_SPLIT}.json of N questions (default 0: none)")
     args = parser.parse_args(argv)
     data = make_dataset(args.out_dir, args.train, args.val, args.test, args.seed)
+    if args.heldout:
+        data[HELDOUT_SPLIT] = make_heldout(args.out_dir, args.heldout, args.seed)
     for split, records in data.items():
         print(f"{split}: {len(records)} records -> {Path(args.out_dir) / (split + '.json')}")
     return 0

@@ -1,8 +1,11 @@
 """The tiny multimodal recipe: synthetic shapes task -> BPE tokenizer -> tiny dense SigLIP + MLP +
 Qwen2 model trained from scratch (dense stage) -> up-cycled to MoTE (4 ternary experts, top-1,
-init from the FFN) -> moe stage -> held-out accuracy of both.
+init from the FFN) -> moe stage -> held-out accuracy; beside MoTE, from the same dense checkpoint,
+data and moe-stage recipe, the MoE-LLaVA baseline (4 full-precision experts, top-2, no shared expert).
 
     mote-make-tiny WORK_DIR [--install [--force]]   (--install copies the results into the package assets)
+    mote-make-tiny WORK_DIR --baseline-only [--dense DIR] [--install]   (only the MoE-LLaVA baseline,
+                                           from the embedded dense checkpoint unless --dense is given)
 
 The recipe (data sizes, epochs, learning rates, weight decay, batch, seed) is recipe.json beside the
 embedded checkpoints: it is the one source of the command's defaults, and --install writes the recipe
@@ -30,6 +33,7 @@ from .upcycle import upcycle
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
 RECIPE_FILE = "recipe.json"
+BASELINE = "moe-llava"  # folder and results.json key of the MoE-LLaVA baseline
 
 
 def load_recipe(path: Path = ASSETS / RECIPE_FILE) -> dict:
@@ -97,6 +101,47 @@ def _dataset(data: Path, recipe: dict) -> None:
     meta.write_text(json.dumps(want, indent=1))
 
 
+def moe_stage(recipe: dict) -> TrainConfig:
+    """The recipe's moe stage, shared by MoTE and the MoE-LLaVA baseline (same steps, LR, decay, batch)."""
+    return TrainConfig(stage="moe", epochs=recipe["moe_epochs"], batch_size=recipe["batch_size"],
+                       lr=recipe["moe_lr"], weight_decay=recipe["moe_weight_decay"], seed=recipe["seed"])
+
+
+def train_moe_llava(dense: Path, work: Path, recipe: dict, processor=None) -> Path:
+    """MoE-LLaVA baseline (paper's comparison): every layer up-cycled to 4 full-precision experts
+    initialised from the FFN, top-2, no shared expert; then the same moe stage on the same data as
+    MoTE (only routers + experts train). Writes work/moe-llava and returns it."""
+    data = work / "data"
+    upcycle(dense, work / f"{BASELINE}-init", experts=4, top_k=2, layers="all", init="ffn",
+            variant="moe-llava", seed=recipe["seed"], overwrite=True)
+    shutil.rmtree(work / BASELINE, ignore_errors=True)
+    train(work / f"{BASELINE}-init", data=data / "train.json", images=data / "images", out_dir=work / BASELINE,
+          cfg=moe_stage(recipe), processor=processor)
+    return work / BASELINE
+
+
+def make_baseline(work: Path, dense: Path = ASSETS / "dense", **overrides) -> dict:
+    """Only the MoE-LLaVA baseline, from an existing dense checkpoint (the embedded one by default)
+    with the recipe's data and moe stage; writes work/moe-llava, work/recipe.json and
+    work/results.json (fp32 held-out accuracy)."""
+    recipe = resolve_recipe(**overrides)
+    work, dense = Path(work), Path(dense)
+    if not (dense / "config.json").is_file():
+        raise MoteError(f"{str(dense)!r} is not a checkpoint folder (no config.json)")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / RECIPE_FILE).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    _dataset(work / "data", recipe)
+    train_moe_llava(dense, work, recipe)
+    acc = evaluate(work / BASELINE, work / "data" / "test.json", work / "data" / "images")
+    print(format_accuracy(BASELINE, acc))
+    results = {"minutes": round((time.perf_counter() - t0) / 60, 1), "chance": CHANCE_ACCURACY,
+               "dense_start": str(dense), BASELINE: {k: v for k, v in acc.items() if k != "answers"}}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    (work / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
+    return results
+
+
 def make_tiny(work: Path, **overrides) -> dict:
     """Run the recipe (recipe.json's entries, any of them replaced by keyword) in `work`; writes the
     checkpoints, work/recipe.json (the recipe used) and work/results.json (fp32 held-out accuracy)."""
@@ -125,13 +170,12 @@ def make_tiny(work: Path, **overrides) -> dict:
 
     upcycle(work / "dense", work / "mote-init", experts=4, top_k=1, layers="all", init="ffn",
             variant="mote", seed=seed, overwrite=True)
-    moe_cfg = TrainConfig(stage="moe", epochs=recipe["moe_epochs"], batch_size=batch_size, lr=recipe["moe_lr"],
-                          weight_decay=recipe["moe_weight_decay"], seed=seed)
     shutil.rmtree(work / "mote", ignore_errors=True)
-    train(work / "mote-init", out_dir=work / "mote", cfg=moe_cfg, **common)
+    train(work / "mote-init", out_dir=work / "mote", cfg=moe_stage(recipe), **common)
+    train_moe_llava(work / "dense", work, recipe, processor=processor)
 
     results = {"minutes": round((time.perf_counter() - t0) / 60, 1), "chance": CHANCE_ACCURACY}
-    for name in ("dense", "mote"):
+    for name in ("dense", "mote", BASELINE):
         acc = evaluate(work / name, data / "test.json", data / "images")
         print(format_accuracy(name, acc))
         results[name] = {k: v for k, v in acc.items() if k != "answers"}
@@ -162,6 +206,7 @@ def install_assets(work: Path, dest: Path = ASSETS, force: bool = False) -> dict
     from .checkpoint import load_model
 
     work, dest = Path(work), Path(dest)
+    names = ("dense", "mote") + ((BASELINE,) if (work / BASELINE).is_dir() else ())  # runs before the baseline lack it
     for need in ("dense", "mote", "data/test.json", "results.json", RECIPE_FILE):
         if not (work / need).exists():
             raise MoteError(f"{str(work / need)!r} does not exist: build {str(work)!r} with mote-make-tiny first")
@@ -176,7 +221,7 @@ def install_assets(work: Path, dest: Path = ASSETS, force: bool = False) -> dict
             shutil.copy2(work / "data" / "images" / r["image"], stage / "data" / "images" / r["image"])
         shutil.copy2(work / RECIPE_FILE, stage / RECIPE_FILE)
         results = json.loads((work / "results.json").read_text())
-        for name in ("dense", "mote"):
+        for name in names:
             save_model(load_model(work / name), stage / name, side_files_from=work / name, dtype=torch.bfloat16)
             acc = evaluate(stage / name, stage / "data" / "test.json", stage / "data" / "images", progress=False)
             print(format_accuracy(f"{name} (stored bf16)", acc))
@@ -205,6 +250,49 @@ def install_assets(work: Path, dest: Path = ASSETS, force: bool = False) -> dict
     return results
 
 
+def install_baseline(work: Path, dest: Path = ASSETS) -> dict:
+    """Put the MoE-LLaVA baseline of a `make_baseline` run beside the embedded checkpoints: stored in
+    bf16 like them, its accuracy re-measured on the stored file and the embedded 300-question test
+    split, and added to dest/results.json (BASELINE: stored bf16, BASELINE_fp32: as trained). The
+    baseline must have been trained with dest's recipe. dest/moe-llava is replaced by a rename."""
+    from .checkpoint import load_model
+
+    work, dest = Path(work), Path(dest)
+    for need in (BASELINE, "results.json", RECIPE_FILE):
+        if not (work / need).exists():
+            raise MoteError(f"{str(work / need)!r} does not exist: build {str(work)!r} with "
+                            "mote-make-tiny --baseline-only first")
+    for need in ("results.json", RECIPE_FILE, "data/test.json"):
+        if not (dest / need).is_file():
+            raise MoteError(f"{str(dest / need)!r} does not exist: no embedded checkpoints to put the baseline beside")
+    used, embedded = (json.loads((d / RECIPE_FILE).read_text()) for d in (work, dest))
+    if used != embedded:
+        diff = sorted(k for k in embedded if used.get(k) != embedded[k])
+        raise MoteError(f"the baseline in {str(work)!r} was trained with another recipe than the embedded "
+                        f"checkpoints (differs in {diff}); {str(dest)!r} left unchanged")
+    stage, old = (dest / f".{BASELINE}.{kind}-{os.getpid()}" for kind in ("new", "old"))
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        save_model(load_model(work / BASELINE), stage, side_files_from=work / BASELINE, dtype=torch.bfloat16)
+        acc = evaluate(stage, dest / "data" / "test.json", dest / "data" / "images", progress=False)
+        print(format_accuracy(f"{BASELINE} (stored bf16)", acc))
+        results = json.loads((dest / "results.json").read_text())
+        results[BASELINE] = {k: v for k, v in acc.items() if k != "answers"}
+        results[f"{BASELINE}_fp32"] = json.loads((work / "results.json").read_text())[BASELINE]
+        final = dest / BASELINE
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        stage.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        tmp = dest / f".results.json.{os.getpid()}"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, dest / "results.json")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return results
+
+
 # command-line option -> recipe entry; the defaults are the embedded recipe's values
 OPTIONS = {"--train": "n_train", "--val": "n_val", "--test": "n_test",
            "--dense-epochs": "dense_epochs", "--dense-lr": "dense_lr", "--dense-weight-decay": "dense_weight_decay",
@@ -226,6 +314,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help=f"copy the results into {ASSETS}")
     p.add_argument("--force", action="store_true",
                    help="with --install: replace the embedded checkpoints even if the new ones score lower")
+    p.add_argument("--baseline-only", action="store_true",
+                   help=f"only the MoE-LLaVA baseline (4 full-precision experts, top-2, no shared expert, from the "
+                        "FFN), trained from --dense with the recipe's data and moe stage; with --install it goes to "
+                        f"{ASSETS / BASELINE} and its accuracy into results.json")
+    p.add_argument("--dense", default=None,
+                   help=f"with --baseline-only: the dense checkpoint to start from (default {ASSETS / 'dense'})")
     return p
 
 
@@ -237,7 +331,19 @@ def main(argv=None):
         raise MoteError(f"parent of {str(work)!r} does not exist")
     if a.force and not a.install:
         raise MoteError("--force only applies with --install")
-    r = make_tiny(work, **{key: getattr(a, key) for key in OPTIONS.values()})
+    if a.dense is not None and not a.baseline_only:
+        raise MoteError("--dense only applies with --baseline-only (the full recipe trains its own dense model)")
+    recipe = {key: getattr(a, key) for key in OPTIONS.values()}
+    if a.baseline_only:
+        if a.force:
+            raise MoteError("--force does not apply with --baseline-only (a baseline is installed whatever it scores)")
+        r = make_baseline(work, Path(a.dense) if a.dense else ASSETS / "dense", **recipe)
+        print(json.dumps(r, indent=1))
+        if a.install:
+            install_baseline(work, ASSETS)
+            print(f"installed {BASELINE} into {ASSETS}")
+        return
+    r = make_tiny(work, **recipe)
     print(json.dumps(r, indent=1))
     if a.install:
         install_assets(work, ASSETS, force=a.force)

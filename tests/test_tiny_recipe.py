@@ -4,9 +4,11 @@ embedded checkpoints with lower-scoring ones unless forced, leaving the destinat
 import hashlib
 import inspect
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mote_edge import tiny
@@ -32,7 +34,8 @@ def test_defaults_are_the_recipe_file():
         resolve_recipe(epochs=3)
 
 
-@pytest.mark.parametrize("stage,prefix", [("dense", "dense"), ("mote", "moe")])
+# the MoE-LLaVA baseline shares MoTE's moe stage (mote-make-tiny --baseline-only)
+@pytest.mark.parametrize("stage,prefix", [("dense", "dense"), ("mote", "moe"), ("moe-llava", "moe")])
 def test_recipe_matches_the_embedded_train_logs(stage, prefix):
     log = json.loads((ASSETS / stage / "train_log.json").read_text())
     cfg = log["config"]
@@ -51,7 +54,26 @@ def test_recipe_matches_the_embedded_train_logs(stage, prefix):
 def test_recipe_matches_the_embedded_test_split():
     results = json.loads((ASSETS / "results.json").read_text())
     test = json.loads((ASSETS / "data" / "test.json").read_text())
-    assert len(test) == results["dense"]["n"] == results["mote"]["n"] == RECIPE["n_test"]
+    assert len(test) == results["dense"]["n"] == results["mote"]["n"] == results["moe-llava"]["n"] == RECIPE["n_test"]
+
+
+def test_embedded_baseline_is_moe_llava_from_the_embedded_dense():
+    """MoE-LLaVA as the paper compares against: 4 full-precision experts, top-2, every layer, no shared
+    expert, experts from the FFN; attention, embeddings and vision exactly the embedded dense model's."""
+    from mote_edge.exporters.safetensors_np import SafetensorsFile
+
+    cfg = json.loads((ASSETS / "moe-llava" / "config.json").read_text())["mote"]
+    assert {k: cfg[k] for k in ("variant", "num_experts", "top_k", "init")} == {
+        "variant": "moe-llava", "num_experts": 4, "top_k": 2, "init": "ffn"}
+    assert cfg["layers"] == list(range(json.loads((ASSETS / "dense" / "config.json").read_text())
+                                       ["text_config"]["num_hidden_layers"]))
+    with SafetensorsFile(ASSETS / "dense" / "model.safetensors") as dense, \
+            SafetensorsFile(ASSETS / "moe-llava" / "model.safetensors") as moe:
+        assert not [n for n in moe.keys() if "shared_expert" in n]
+        decoder_ffn = re.compile(r"language_model\.layers\.\d+\.mlp\.")
+        frozen = [n for n in dense.keys() if not decoder_ffn.search(n)]
+        assert any("vision_tower" in n for n in frozen) and any("self_attn" in n for n in frozen)
+        assert all(np.array_equal(dense.get(n), moe.get(n)) for n in frozen)
 
 
 def _tree(root: Path) -> dict:
