@@ -397,22 +397,27 @@ class LLM:
     def new_cache(self, n_ctx: int) -> "KVCache":
         return KVCache(self.c.layers, n_ctx, self.c.kv_heads, self.c.head_dim)
 
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """NEOX rotation (HF rotate_half) of x [T, heads, head_dim] at positions pos [T]."""
+    def rope_angles(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [T, 1, head_dim / 2] at positions pos [T]: made once per forward, used by every layer."""
         f = pos.astype(np.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = np.cos(f)[:, None, :], np.sin(f)[:, None, :]
+        return np.cos(f)[:, None, :], np.sin(f)[:, None, :]
+
+    @staticmethod
+    def _rope(x: np.ndarray, angles: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """NEOX rotation (HF rotate_half) of x [T, heads, head_dim] by rope_angles' cos and sin."""
+        cos, sin = angles
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def _attention(self, i: int, layer: Layer, x: np.ndarray, cache: "KVCache", pos0: int) -> np.ndarray:
+    def _attention(self, i: int, layer: Layer, x: np.ndarray, cache: "KVCache", pos0: int, angles) -> np.ndarray:
         c, T_ = self.c, x.shape[0]
         nh, nkv, hd = c.heads, c.kv_heads, c.head_dim
         g = nh // nkv
         pos = np.arange(pos0, pos0 + T_)
         q, k, v = layer.qkv(x)
-        q = self._rope(q.reshape(T_, nh, hd), pos)
-        cache.k[i, :, :, pos0:pos0 + T_] = self._rope(k.reshape(T_, nkv, hd), pos).transpose(1, 2, 0)
+        q = self._rope(q.reshape(T_, nh, hd), angles)
+        cache.k[i, :, :, pos0:pos0 + T_] = self._rope(k.reshape(T_, nkv, hd), angles).transpose(1, 2, 0)
         cache.v[i, :, pos0:pos0 + T_] = v.reshape(T_, nkv, hd).transpose(1, 0, 2)
         S = pos0 + T_
         K = cache.k[i, :, :, :S]  # [nkv, hd, S]: strided views the matmuls read without a copy
@@ -436,8 +441,9 @@ class LLM:
         for start in range(0, h.shape[0], PREFILL_CHUNK):
             x = np.ascontiguousarray(h[start:start + PREFILL_CHUNK], np.float32)
             p = pos0 + start
+            angles = self.rope_angles(np.arange(p, p + x.shape[0]))
             for i, layer in enumerate(self.layers):
-                x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, c.rms_eps), cache, p)
+                x = x + self._attention(i, layer, rms_norm(x, layer.attn_norm, c.rms_eps), cache, p, angles)
                 x = x + layer.ffn(rms_norm(x, layer.ffn_norm, c.rms_eps))
             outs.append(x)
         cache.n = pos0 + h.shape[0]

@@ -24,19 +24,20 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def _declare(L: ctypes.CDLL) -> ctypes.CDLL:
-    if not getattr(L, "_mote_mad", False):
-        L.mote_quant_act.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _I, _P, _P, ctypes.c_int]
-        L.mote_tern_gemm.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, ctypes.c_int]
-        L._mote_mad = True
-    return L
+_L: ctypes.CDLL | None = None
 
 
 def _lib() -> ctypes.CDLL:
-    L = clib.lib()
-    if L is None:
-        raise MoteExportError(clib.error())
-    return _declare(L)
+    """The library with this family's functions declared (once: decode calls these hundreds of times a token)."""
+    global _L
+    if _L is None:
+        L = clib.lib()
+        if L is None:
+            raise MoteExportError(clib.error())
+        L.mote_quant_act.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _I, _P, _P, ctypes.c_int]
+        L.mote_tern_gemm.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, ctypes.c_int]
+        _L = L
+    return _L
 
 
 def padded(k: int) -> int:
@@ -44,7 +45,7 @@ def padded(k: int) -> int:
 
 
 def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+    return a.__array_interface__["data"][0]  # the cheap form of a.ctypes.data
 
 
 def pack_codes(codes: np.ndarray) -> np.ndarray:
@@ -75,6 +76,7 @@ class TernaryMatrix:
                                   f"blocks ({need} bytes needed)")
         self.data = data.reshape(-1)
         self.scale = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (n,)))
+        self.ptrs = (_ptr(self.data), _ptr(self.scale))  # fixed for the matrix's life
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, scale) -> "TernaryMatrix":
@@ -92,7 +94,8 @@ def quantize(x: np.ndarray, eps: float, kp: int, isa: str | None = None):
     t, k = x.shape
     q = np.empty((t, kp), np.int8)
     sumq, step = np.empty(t, np.int32), np.empty(t, np.float32)
-    rc = _lib().mote_quant_act(_ptr(x), k, t, k, kp, eps, _ptr(q), kp, _ptr(sumq), _ptr(step), clib.isa_code(isa))
+    rc = _lib().mote_quant_act(_ptr(x), k, t, k, kp, eps, _ptr(q), kp, _ptr(sumq), _ptr(step),
+                               clib.AUTO if isa is None else clib.isa_code(isa))
     if rc:
         raise MoteExportError(f"activation quantisation failed (code {rc}) for [{t}, {k}] into {kp}")
     return q, sumq, step
@@ -110,8 +113,9 @@ def gemm(m: TernaryMatrix, q: np.ndarray, sumq: np.ndarray, step: np.ndarray, is
     y = np.empty((t, m.n), np.float32) if out is None else out
     if y.shape != (t, m.n) or y.dtype != np.float32 or not y.flags.c_contiguous:
         raise MoteExportError(f"output must be float32 [{t}, {m.n}]")
-    rc = _lib().mote_tern_gemm(_ptr(m.data), m.block_bytes, m.row_bytes, m.n, m.kp, _ptr(q), m.kp, _ptr(sumq),
-                               _ptr(step), _ptr(m.scale), t, _ptr(y), m.n, clib.isa_code(isa))
+    w, scale = m.ptrs
+    rc = _lib().mote_tern_gemm(w, m.block_bytes, m.row_bytes, m.n, m.kp, _ptr(q), m.kp, _ptr(sumq), _ptr(step), scale,
+                               t, _ptr(y), m.n, clib.AUTO if isa is None else clib.isa_code(isa))
     if rc:
         raise MoteExportError(f"ternary product failed (code {rc}) for [{t}, {m.kp}] x [{m.n}, {m.kp}]")
     return y
