@@ -67,12 +67,13 @@ class FloatGroup:
     read in place from the file's bytes (F16 / BF16 / Q8_0 / Q4_0 decoded in registers, fp32 activations)."""
 
     def __init__(self, mats: list[tuple], k: int):
+        from .float_kernels import FloatMatmul
+
         self.mats, self.k = mats, k  # [(raw bytes, ggml type, rows, bias or None)]
+        self.product = FloatMatmul(mats, k)  # checked once here; a call checks only x
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        from .float_kernels import float_gemm_multi
-
-        return float_gemm_multi(self.mats, self.k, x)
+        return self.product(x)
 
 
 class FloatOne(FloatGroup):

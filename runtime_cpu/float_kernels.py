@@ -78,9 +78,16 @@ def _activations(x, K: int) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != K:
         raise MoteExportError(f"activations must be float32 [T, {K}]; got "
                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-    if x.strides[1] != 4 or x.strides[0] % 4 or x.strides[0] < 4 * K:  # row-strided views are used as they are
-        x = np.ascontiguousarray(x)
+    inner_ok = K == 1 or x.strides[1] == 4
+    rows_ok = x.shape[0] <= 1 or (x.strides[0] % 4 == 0 and x.strides[0] >= 4 * K)
+    if not (inner_ok and rows_ok):
+        x = np.ascontiguousarray(x)  # row-strided views (a column slice of a wider array) are used as they are
     return x
+
+
+def _row_stride(x: np.ndarray, K: int) -> int:
+    """x's row stride in floats (one row or none: any stride numpy reports is unused, so K)."""
+    return x.strides[0] // 4 if x.shape[0] > 1 else K
 
 
 def _bias(bias, N: int, name: str):
@@ -92,33 +99,39 @@ def _bias(bias, N: int, name: str):
     return bias
 
 
-def float_gemm_multi(mats, K: int, x: np.ndarray, isa: str | None = "auto") -> list[np.ndarray]:
-    """Several matrices on the same x (fused q/k/v, gate/up) in one kernel call over all their rows.
-    mats: [(raw uint8 bytes, wtype, N, bias or None), ...] -> [y [T, N] float32, ...]."""
-    if not 1 <= len(mats) <= MAX_MATS:
-        raise MoteExportError(f"{len(mats)} matrices in one float product; accepted: 1 to {MAX_MATS}")
-    x = _activations(x, K)
-    code = clib.isa_code(isa)
-    L = _lib()
-    Tn = x.shape[0]
-    arr = (FloatMat * len(mats))()
-    outs, keep = [], []
-    for i, (raw, wtype, N, bias) in enumerate(mats):
-        name = f"matrix {i}"
-        t, rb = _weights(raw, wtype, int(N), K, name)
-        b = _bias(bias, int(N), name)
-        y = np.empty((Tn, int(N)), np.float32)
-        outs.append(y)
-        keep.append(raw)
-        arr[i] = FloatMat(int(t), raw.ctypes.data if raw.nbytes else None, rb, int(N),
-                          None if b is None else b.ctypes.data, y.ctypes.data if y.nbytes else None, int(N))
-    rc = L.mote_float_gemm_multi(len(mats), arr, K, x.ctypes.data if x.nbytes else None, x.strides[0] // 4, Tn, code)
-    if rc != 0:
-        raise MoteExportError(f"the float kernel refused the call ({_C_ERRORS.get(rc, f'code {rc}')})")
-    return outs
+class FloatMatmul:
+    """A product prepared once (at load): several matrices on the same x (fused q/k/v, gate/up: one kernel
+    call over all their rows), each checked here once, so a call checks only x (decode makes hundreds).
+    mats: [(raw uint8 bytes, wtype, N, bias or None), ...]; call(x [T, K]) -> [y [T, N] float32, ...]."""
+
+    def __init__(self, mats, K: int, isa: str | None = "auto"):
+        if not 1 <= len(mats) <= MAX_MATS:
+            raise MoteExportError(f"{len(mats)} matrices in one float product; accepted: 1 to {MAX_MATS}")
+        self.K, self.isa, self._lib = int(K), clib.isa_code(isa), _lib()
+        self._arr = (FloatMat * len(mats))()
+        self._keep, self.sizes = [], []  # the arrays the C structs point into stay alive with this object
+        for i, (raw, wtype, N, bias) in enumerate(mats):
+            name = f"matrix {i}"
+            t, rb = _weights(raw, wtype, int(N), self.K, name)
+            b = _bias(bias, int(N), name)
+            self._keep += [raw, b]
+            self.sizes.append(int(N))
+            self._arr[i] = FloatMat(int(t), raw.ctypes.data if raw.nbytes else None, rb, int(N),
+                                    None if b is None else b.ctypes.data, None, int(N))
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        x = _activations(x, self.K)
+        outs = [np.empty((x.shape[0], n), np.float32) for n in self.sizes]
+        for m, y in zip(self._arr, outs):
+            m.y = y.ctypes.data if y.nbytes else None
+        rc = self._lib.mote_float_gemm_multi(len(outs), self._arr, self.K, x.ctypes.data if x.nbytes else None,
+                                             _row_stride(x, self.K), x.shape[0], self.isa)
+        if rc != 0:
+            raise MoteExportError(f"the float kernel refused the call ({_C_ERRORS.get(rc, f'code {rc}')})")
+        return outs
 
 
 def float_gemm(raw: np.ndarray, wtype, N: int, K: int, x: np.ndarray, bias: np.ndarray | None = None,
                isa: str | None = "auto") -> np.ndarray:
     """y [T, N] = x [T, K] @ W.T (+ bias), W [N, K] of `wtype` given as its raw GGUF bytes."""
-    return float_gemm_multi([(raw, wtype, N, bias)], K, x, isa)[0]
+    return FloatMatmul([(raw, wtype, N, bias)], K, isa)(x)[0]

@@ -7,16 +7,20 @@
  *   Q4_0 = 2: K/32 blocks of 18 bytes: fp16 d, 16 bytes; byte j = weight j (low nibble) | weight j+16 (high
  *     nibble); weight = (nibble - 8) * d.
  * Every decoded weight is exact in fp32 (an fp16 / bf16 value, or int8 x fp16 d: at most 19 significant bits),
- * so the only rounding is the fp32 accumulation (FMA: the product itself is not rounded). Any summation
- * order therefore stays within |y - exact| <= gamma_(K+1) * (sum_k |x w| + |bias|), gamma_n = n u / (1 - n u),
- * u = 2^-24 (tests/test_kernels_float.py asserts it for every path).
+ * so the only roundings are the fp32 sums (FMA: products not rounded; decode of a Q block scales the block's
+ * dot by d, one rounding more). Whatever the order, each term goes through at most K + 3 roundings:
+ * |y - exact| <= gamma_(K+3) * (sum_k |x w| + |bias|), gamma_n = n u / (1 - n u), u = 2^-24
+ * (tests/test_kernels_float.py asserts it for every path, and the paths against each other).
  *
  * Shape of every path: a tile of R rows x TT tokens keeps R*TT vector accumulators; each 32-weight unit of
  * the R rows is decoded once into registers and used by the TT tokens (prefill decodes a weight once per TT
- * tokens, not once per token). Tokens are processed in chunks of TC (x chunk <= 256 KiB, stays in L2) so the
- * x rows a tile reads stay cached across row tiles. Decode (T = 1) uses the spare accumulators for a second
- * FMA chain per row. Float-type K tails (K % 32) are done in scalar after the vector part: no load past a row.
- * Threads: the (concatenated) output rows are split with mote_parallel_for, grain a multiple of 16 rows.
+ * tokens, not once per token). R x TT: AVX512 4 x 4 (16-float vectors, 32 weights a unit), AVX2 2 x 4 (8-float,
+ * 16 a unit), NEON 2 x 4 (4-float, 32 a unit), scalar 1 x 4. Tokens are processed in chunks of TC (x chunk
+ * <= 256 KiB, stays in L2) so the x rows a tile reads stay cached across row tiles. Decode (T = 1) uses the
+ * spare accumulators for more FMA chains per row, scales a Q block's dot rather than its weights, and
+ * prefetches (PREFETCH_MIN). Float-type K tails (K % 32, or % 16) are done in scalar after the vector part:
+ * no load past a row. Threads: the (concatenated) output rows are split with mote_parallel_for, ~4 chunks
+ * per thread, each a multiple of 16 rows.
  *
  * Return: 0 done, -1 ISA not runnable, -2 bad sizes (K < 1, K % 32 for Q8_0/Q4_0, row_bytes too small,
  * strides too small, null pointers, more than MOTE_FLOAT_MAX_MATS matrices), -3 unknown weight type.
@@ -47,6 +51,12 @@
 #define WT_BF16 30
 #define MOTE_FLOAT_MAX_MATS 16
 #define X_CHUNK_BYTES (256 * 1024)
+/* Software prefetch, into L2, of the same place in the rows of a later tile, >= PREFETCH_MIN bytes ahead: the
+ * hardware prefetchers stop at 4 KiB pages (a mapped GGUF file has those) and a tile's R short rows look like R
+ * short streams to them. Measured on decode from DRAM (CPU-time GB/s, 1 thread, 4 KiB pages, 4864 x 896):
+ * none 6.2-7.3 / 4.5 / 3.9 (F16 / Q8_0 / Q4_0), 2 KiB ahead in the row 8.2-9.2 / 5.5-5.8 / 5.6-6.2, this
+ * 10.3-11.3 / 8.6-8.8 / 6.2-7.4. A prefetch past the matrix's end touches nothing (prefetches do not fault). */
+#define PREFETCH_MIN 8192
 
 typedef struct {
     int wtype;
@@ -68,6 +78,16 @@ typedef void (*rows_fn)(const mote_float_mat *m, int64_t n0, int64_t n1, const f
 /* bytes of a unit of `n` weights (n = 16 or 32) */
 #define UNIT_BYTES(wt, n) ((wt) == WT_F32 ? 4 * (n) : (wt) == WT_Q8_0 ? 34 * (n) / 32 : (wt) == WT_Q4_0 ? 18 * (n) / 32 : 2 * (n))
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE void prefetch_ahead(const uint8_t *p, int64_t ahead) { /* as an integer: no pointer past the buffer */
+    __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)ahead), 0, 2);
+}
+
+/* the prefetch distance: whole tiles of `rmax` rows, at least PREFETCH_MIN bytes */
+static inline int64_t tile_ahead(int64_t rb, int rmax) {
+    int64_t tile = rb * rmax;
+    return tile * ((PREFETCH_MIN + tile - 1) / tile);
+}
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
 /* ---------------------------------------------------------------- scalar helpers (every path uses them) */
@@ -138,9 +158,12 @@ static inline void store_tile(const mote_float_mat *m, int64_t n, int R, int64_t
 }
 
 /* The token/row loops every vector path shares: `TILE(R, tt)` computes s[R][ATT] for rows n.. and tokens
- * t0..; R is RMAX or 1 (the rows left after full tiles), tt is 1..ATT (the tokens left). */
+ * t0..; R is RMAX or 1 (the rows left after full tiles), tt is 1..ATT (the tokens left). (Measured on AVX512:
+ * 4 rows x 4 tokens beats 2 x 8, 3 x 6 and 3 x 8 at T = 64 and 512 by ~1.5x; wider tiles run out of registers
+ * or lose the rows' shared x loads.) */
 #define ROWS_LOOP(RMAX, ATT, TILE)                                                      \
     float s[(RMAX) * (ATT)];                                                            \
+    const int64_t pf = tile_ahead(m->row_bytes, (RMAX));                                \
     for (int64_t c0 = 0; c0 < T; c0 += TC) {                                            \
         int64_t c1 = MIN(T, c0 + TC);                                                   \
         for (int64_t n = n0; n < n1;) {                                                 \
@@ -230,7 +253,7 @@ static void sc_rows(const mote_float_mat *m, int64_t n0, int64_t n1, const float
 #define A2_INLINE static inline __attribute__((always_inline, target(A2_TARGET)))
 #define A2_FN static __attribute__((target(A2_TARGET)))
 #define A2_R 2
-#define A2_TT 4
+#define A2_TT 4 /* ROWS_LOOP's switch covers up to 4 */
 
 /* AVX2 unit: 16 weights (half a Q block), elements 16u .. 16u+15, as two 8-float vectors; for Q8_0 / Q4_0 the
  * integer codes, and *d = the block's scale */
@@ -283,8 +306,8 @@ A2_INLINE float a2_hsum(__m256 v) {
 }
 
 /* s[r * A2_TT + t] = row r . token t, for R rows from w and TT tokens from x */
-A2_INLINE void a2_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t K, const float *x, int64_t xs,
-                       float *s) {
+A2_INLINE void a2_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t pf, int64_t K, const float *x,
+                       int64_t xs, float *s) {
     const int quant = wt == WT_Q8_0 || wt == WT_Q4_0;
     __m256 acc[A2_R][A2_TT];
     for (int r = 0; r < A2_R; r++)
@@ -294,9 +317,7 @@ A2_INLINE void a2_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int6
         __m256 w0[A2_R], w1[A2_R], d[A2_R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-#ifdef PF_DIST
-            _mm_prefetch((const char *)(w + r * rb + u * UNIT_BYTES(wt, 16) + PF_DIST), _MM_HINT_T0);
-#endif
+            prefetch_ahead(w + r * rb + u * UNIT_BYTES(wt, 16), pf);
             a2_unit(wt, w + r * rb, u, &w0[r], &w1[r], &d[r]);
         }
         if (quant && TT == 1) { /* decode: scale the half block's dot, not its weights */
@@ -337,7 +358,7 @@ A2_INLINE void a2_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int6
     }
 }
 
-#define A2_TILE(R_, TT_) a2_tile(wt, R_, TT_, wr, m->row_bytes, K, xt, xs, s)
+#define A2_TILE(R_, TT_) a2_tile(wt, R_, TT_, wr, m->row_bytes, pf, K, xt, xs, s)
 A2_INLINE void a2_rows(int wt, const mote_float_mat *m, int64_t n0, int64_t n1, const float *x, int64_t xs, int64_t K,
                        int64_t T, int64_t TC) {
     ROWS_LOOP(A2_R, A2_TT, A2_TILE)
@@ -396,8 +417,8 @@ A5_INLINE void a5_unit(int wt, const uint8_t *row, int64_t u, __m512 *v0, __m512
     }
 }
 
-A5_INLINE void a5_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t K, const float *x, int64_t xs,
-                       float *s) {
+A5_INLINE void a5_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t pf, int64_t K, const float *x,
+                       int64_t xs, float *s) {
     const int quant = wt == WT_Q8_0 || wt == WT_Q4_0;
     __m512 acc[A5_R][A5_TT];
     for (int r = 0; r < A5_R; r++)
@@ -407,9 +428,7 @@ A5_INLINE void a5_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int6
         __m512 w0[A5_R], w1[A5_R], d[A5_R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-#ifdef PF_DIST
-            _mm_prefetch((const char *)(w + r * rb + u * UNIT_BYTES(wt, 32) + PF_DIST), _MM_HINT_T0);
-#endif
+            prefetch_ahead(w + r * rb + u * UNIT_BYTES(wt, 32), pf);
             a5_unit(wt, w + r * rb, u, &w0[r], &w1[r], &d[r]);
         }
         if (quant && TT == 1) { /* decode: scale the block's dot, not its weights (3 vector ops, not 4) */
@@ -450,7 +469,7 @@ A5_INLINE void a5_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int6
     }
 }
 
-#define A5_TILE(R_, TT_) a5_tile(wt, R_, TT_, wr, m->row_bytes, K, xt, xs, s)
+#define A5_TILE(R_, TT_) a5_tile(wt, R_, TT_, wr, m->row_bytes, pf, K, xt, xs, s)
 A5_INLINE void a5_rows(int wt, const mote_float_mat *m, int64_t n0, int64_t n1, const float *x, int64_t xs, int64_t K,
                        int64_t T, int64_t TC) {
     ROWS_LOOP(A5_R, A5_TT, A5_TILE)
@@ -536,8 +555,8 @@ ALWAYS_INLINE void ne_unit(int wt, const uint8_t *row, int64_t u, float32x4_t *v
     }
 }
 
-ALWAYS_INLINE void ne_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t K, const float *x, int64_t xs,
-                           float *s) {
+ALWAYS_INLINE void ne_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, int64_t pf, int64_t K, const float *x,
+                           int64_t xs, float *s) {
     float32x4_t acc[NE_R][NE_TT];
     for (int r = 0; r < NE_R; r++)
         for (int t = 0; t < NE_TT; t++) acc[r][t] = vdupq_n_f32(0.0f);
@@ -545,7 +564,10 @@ ALWAYS_INLINE void ne_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, 
     for (int64_t u = 0; u < nu; u++) {
         float32x4_t wv[NE_R][8];
 #pragma GCC unroll 2
-        for (int r = 0; r < R; r++) ne_unit(wt, w + r * rb, u, wv[r]);
+        for (int r = 0; r < R; r++) {
+            prefetch_ahead(w + r * rb + u * UNIT_BYTES(wt, 32), pf);
+            ne_unit(wt, w + r * rb, u, wv[r]);
+        }
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++) {
             const float *xp = x + t * xs + 32 * u;
@@ -570,7 +592,7 @@ ALWAYS_INLINE void ne_tile(int wt, int R, int TT, const uint8_t *w, int64_t rb, 
     }
 }
 
-#define NE_TILE(R_, TT_) ne_tile(wt, R_, TT_, wr, m->row_bytes, K, xt, xs, s)
+#define NE_TILE(R_, TT_) ne_tile(wt, R_, TT_, wr, m->row_bytes, pf, K, xt, xs, s)
 ALWAYS_INLINE void ne_rows(int wt, const mote_float_mat *m, int64_t n0, int64_t n1, const float *x, int64_t xs,
                            int64_t K, int64_t T, int64_t TC) {
     ROWS_LOOP(NE_R, NE_TT, NE_TILE)
