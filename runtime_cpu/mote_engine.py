@@ -68,7 +68,7 @@ class MoteModel:
         self.tokenizer = GGUFTokenizer(self.gguf)
         try:
             self.llm = LLM(self.gguf, codes, kernel)
-            self.vision = Vision(self.proj) if self.proj is not None else None
+            self.vision = Vision(self.proj, self.llm.loader.kernel) if self.proj is not None else None
             self.cache = self.llm.new_cache(self.n_ctx)
         except MemoryError:
             raise MoteExportError(f"not enough memory to load {model} with n_ctx {self.n_ctx}; see its plan with "

@@ -140,7 +140,10 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         compute += 4 * n * (3 * n * vheads + 12 * width + 3 * vffn + 3 * conn + hidden)
         for t in m.tensors:
             numel = math.prod(t.dims)
-            if t.qtype == T.F32:
+            # the tower's and connector's linears (vision.Vision's Loader.linear) are read in place by the
+            # C float kernels; patch and position embeddings are decoded to float32
+            linear = len(t.dims) == 2 and (".attn_" in t.name or ".ffn_" in t.name or t.name.startswith("mm."))
+            if t.qtype == T.F32 or (linear and kernel != "numpy" and t.qtype in C_FLOAT_TYPES):
                 mapped += t.nbytes
             else:
                 repacked += 4 * numel

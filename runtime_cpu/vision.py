@@ -28,7 +28,7 @@ UNSUPPORTED = ("v.post_ln.weight", "v.pre_ln.weight", "v.class_embd")
 class Vision:
     """The tower and connector of an mmproj file, decoded at load."""
 
-    def __init__(self, g: GGUFModel):
+    def __init__(self, g: GGUFModel, kernel: str = "numpy"):
         self.g = g
         if g.arch != "clip" or g.fields.get("clip.projector_type") != "mlp" or not g.fields.get("clip.has_vision_encoder"):
             raise MoteExportError(f"{g.path} is not an mmproj file with a vision encoder and an 'mlp' projector "
@@ -53,7 +53,7 @@ class Vision:
         d, p = self.d, self.patch
         self.n_side = self.size // p
         n = self.n_side ** 2
-        ld = self.loader = Loader(g)
+        ld = self.loader = Loader(g, kernel=kernel)  # with C kernels: F16/BF16/Q8_0 matrices read in place
         self.patch_w = ld.floats("v.patch_embd.weight", (d, 3, p, p)).reshape(d, 3 * p * p)
         self.patch_b = ld.floats("v.patch_embd.bias", (d,)) if "v.patch_embd.bias" in g else None
         self.pos = ld.floats("v.position_embd.weight", (n, d))

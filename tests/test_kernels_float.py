@@ -251,3 +251,32 @@ def test_c_side_refuses_bad_sizes():
     assert call(wt=12) == -3  # Q4_K: no kernel
     if "neon" not in clib.isas_here():
         assert call(isa=3) == -1
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16, T.Q8_0, T.Q4_0])
+def test_engine_group_prefill_takes_blas_tiles_within_the_bound(qtype):
+    """clinear.FloatGroup: from BLAS_TOKENS tokens on, row tiles decoded to float32 scratch + BLAS (tiles
+    smaller than the matrix, so several are stitched); the same bound as the kernels, and with a bias."""
+    from mote_edge.runtime_cpu import clinear
+
+    rng = np.random.default_rng(int(qtype))
+    K, Ns, Tn = 96, (40, 9), clinear.BLAS_TOKENS + 3
+    mats, refs = [], []
+    for N in Ns:
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        raw = raw_bytes(w, qtype)
+        bias = rng.standard_normal(N).astype(np.float32)
+        mats.append((raw, qtype, N, bias))
+        refs.append((decoded(raw, qtype, N), bias))
+    x = rng.standard_normal((Tn, K)).astype(np.float32)
+    before = clinear.BLAS_TILE_BYTES
+    clinear.BLAS_TILE_BYTES = 4 * K * 16  # 16-row tiles: 40 rows take three, the last one short
+    try:
+        group = clinear.FloatGroup(mats, K)
+        outs = group(x)
+        small = group(x[:5])  # below BLAS_TOKENS: the C kernels
+    finally:
+        clinear.BLAS_TILE_BYTES = before
+    for y, ys, (w64, bias) in zip(outs, small, refs):
+        check(y, reference(x, w64, bias), bound(x, w64, bias), f"{qtype.name} BLAS tiles", factor=2.0)
+        check(ys, reference(x[:5], w64, bias), bound(x[:5], w64, bias), f"{qtype.name} kernels")
