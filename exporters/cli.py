@@ -14,6 +14,7 @@ writes the folder DIR for onnxruntime (exporters/onnx_folder.py).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .errors import MoteExportError, cli_entry
@@ -24,7 +25,7 @@ FORMATS = ("gguf", "onnx")
 @cli_entry
 def main(argv=None):
     try:  # gguf is in the base install; a broken environment still gets one line
-        from .gguf_file import mmproj_path
+        from .gguf_file import check_output, mmproj_path, remove_stale_temporaries, temporary_prefix
         from .gguf_llm import format_summary, write_llm_gguf
         from .gguf_mmproj import write_mmproj
         from .quantize import FLOAT_TYPES
@@ -78,14 +79,23 @@ def main(argv=None):
         from .plan import export_budget_types
 
         types = export_budget_types(ckpt, out, a)
-    summary = write_llm_gguf(ckpt, out, progress=not a.quiet, **types)
+    # All or nothing: the LLM is written to a staged temporary, the projector next (renamed into place as it
+    # completes), the LLM renamed last, so a kill at any point never leaves a new model beside an old (or no)
+    # projector; the staged file of a killed export is removed by the next one (remove_stale_temporaries).
+    check_output(out, "model.gguf")
+    remove_stale_temporaries(out)
+    staged = out.parent / f"{temporary_prefix(out)}staged.tmp"
+    try:
+        summary = write_llm_gguf(ckpt, staged, progress=not a.quiet, **types)
+        if not a.no_mmproj:
+            write_mmproj(ckpt, mmproj_path(out), ftype=a.mmproj_type)
+        os.replace(staged, out)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    summary["path"] = str(out)
     print(format_summary(summary))
     if not a.no_mmproj:
-        try:
-            write_mmproj(ckpt, mmproj_path(out), ftype=a.mmproj_type)
-        except BaseException:
-            out.unlink(missing_ok=True)  # all or nothing: a model without its projector is not the export asked for
-            raise
         print(f"wrote {mmproj_path(out)}")
 
 

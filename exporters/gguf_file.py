@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -25,10 +28,43 @@ def check_output(out: Path, example: str) -> None:
         raise MoteExportError(f"output {str(out)!r} is a folder; give a file name like {example}")
 
 
+def temporary_prefix(out: Path) -> str:
+    """Name prefix of this process's temporaries for `out`: the host and pid say whose they are, so a later
+    writer can remove the ones a killed writer left (remove_stale_temporaries)."""
+    return f".{out.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporaries beside `out` left by a writer of `out` on this host whose process is gone (SIGKILL, OOM
+    kill): without this, each killed export leaves a hidden copy of (part of) the model behind. A live
+    writer's (or another host's) are left alone."""
+    # one leading dot, or more: mote-export stages the LLM under a temporary name, whose own writer's
+    # temporaries then start with two
+    pattern = re.compile(rf"\.+{re.escape(out.name)}\.{re.escape(socket.gethostname())}-(\d+)\..*\.tmp")
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def gguf_writer(out: Path, arch: str) -> Iterator[GGUFWriter]:
     """A GGUFWriter on a temporary file beside `out`, renamed to `out` when the block completes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    remove_stale_temporaries(out)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent)
     os.close(fd)
     wr = GGUFWriter(tmp, arch)
     try:

@@ -61,12 +61,20 @@ def read_gguf_header(path: str | Path, arrays=()) -> GGUFHeader:
                 raise MoteExportError(f"{path} is truncated: not a complete GGUF header")
             return struct.unpack("<" + fm, data)[0]
 
+        def length() -> int:
+            """A string's byte length, refused when it runs past the end of the file (a corrupt length
+            would otherwise ask f.read for up to 2^64 bytes)."""
+            n = read("Q")
+            if n > size_of_file - f.tell():
+                raise MoteExportError(f"{path} is truncated: not a complete GGUF header")
+            return n
+
         def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
+            return f.read(length()).decode("utf-8", "replace")
 
         def skip(vtype) -> None:
             if vtype == V.STRING:
-                f.seek(read("Q"), 1)
+                f.seek(length(), 1)
             elif vtype == V.ARRAY:
                 item, n = V(read("I")), read("Q")
                 if item in _FMT:

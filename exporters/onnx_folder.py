@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .ckpt import Weights, read_config
 from .errors import MoteExportError
+from .gguf_file import remove_stale_temporaries, temporary_prefix
 from .gguf_llm import _check_layers, llm_config
 from .gguf_mmproj import image_normalization
 from .onnx_graph import DATA_FILE, WeightFile, functions_used, save_model
@@ -128,7 +129,8 @@ def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = 
     eos = _eos(ckpt, cfg)
     check_onnx_output(out)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out)  # a killed export's hidden folder
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         sizes = {}
         with Weights(ckpt) as w, WeightFile(tmp / DATA_FILE) as wf:

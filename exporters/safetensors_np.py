@@ -10,6 +10,7 @@ checkpoint through a map showed a peak RSS of the whole checkpoint; reads keep i
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -52,8 +53,8 @@ class SafetensorsFile:
             raw = fh.read(n)
         try:
             header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._fail(f"header is not JSON: {exc}")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..."
+            self._fail(f"header is not JSON: {str(exc)[:200]}")
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         self._data_start = 8 + n
@@ -67,11 +68,11 @@ class SafetensorsFile:
             dtype = np.dtype(_DTYPES[e["dtype"]])
             shape = [int(d) for d in e["shape"]]
             begin, end = (int(o) for o in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a JSON 1e400 is inf
             self._fail(f"bad header entry for {name!r}: {e!r}"[:300])
         if any(d < 0 for d in shape) or not 0 <= begin <= end:
             self._fail(f"bad shape or offsets for {name!r}")
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != end - begin:
+        if math.prod(shape) * dtype.itemsize != end - begin:  # Python ints: an int64 product wraps, e.g. to 0
             self._fail(f"{name!r}: shape {shape} x {e['dtype']} does not match its {end - begin} bytes")
 
     def __enter__(self) -> "SafetensorsFile":

@@ -22,3 +22,5 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                                                 **special)
     except jinja2.exceptions.TemplateError as exc:
         raise MoteExportError(f"the chat template failed to render ({exc})") from None
+    except Exception as exc:  # a template is a stranger's program: range(10**20), 1 + 'a', ...
+        raise MoteExportError(f"the chat template failed to render ({type(exc).__name__}: {exc})") from None

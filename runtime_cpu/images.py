@@ -18,8 +18,10 @@ def load_rgb(path: str | Path, size: int | None, resample: int = BICUBIC) -> np.
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise MoteExportError(f"cannot read image {str(path)!r} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError ("broken PNG file"),
+        # DecompressionBombError, EOFError, struct.error, ... for malformed files (fuzzed): each is this one line
+        why = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise MoteExportError(f"cannot read image {str(path)!r} ({type(exc).__name__}: {why})") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling(resample))
     return np.asarray(img, dtype=np.uint8)

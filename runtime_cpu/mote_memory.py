@@ -52,7 +52,10 @@ def tensor_roles(fields: dict, names) -> dict:
         if name == "token_embd.weight":
             role = "embedding"
         elif name.startswith("blk.") and ("_exps." in name or "_shexp." in name or ".ffn_gate_inp." in name):
-            layer = int(name.split(".")[1])
+            try:
+                layer = int(name.split(".")[1])
+            except (IndexError, ValueError):
+                raise MoteExportError(f"tensor name {name!r} is not blk.<layer>.<name>; a corrupt GGUF file") from None
             if "ffn_gate_inp_shexp" in name:
                 role = "unused"
             elif "_shexp." in name:
@@ -77,6 +80,8 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         v = h.arch_key(name)
         if v is None:
             raise MoteExportError(f"{model_path}: no {arch}.{name}; not a model file the mote engine runs")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise MoteExportError(f"{model_path}: {arch}.{name} is {v!r}; a positive integer is needed")
         return int(v)
 
     if n_ctx is None:
@@ -136,6 +141,8 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
             vffn = int(mf["clip.vision.feed_forward_length"])
         except KeyError as exc:
             raise MoteExportError(f"{mmproj_path}: no {exc.args[0]}; not an mmproj file") from None
+        except (ValueError, TypeError, ZeroDivisionError):
+            raise MoteExportError(f"{mmproj_path}: clip.vision sizes are not positive integers; a corrupt mmproj") from None
         conn = max((t.dims[1] for t in m.tensors if t.name == "mm.0.weight"), default=hidden)
         compute += 4 * n * (3 * n * vheads + 12 * width + 3 * vffn + 3 * conn + hidden)
         for t in m.tensors:

@@ -53,14 +53,47 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings")
+_INFO_SIZES = ("image_size", "image_seq_length")
+
+
+def _count(v, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
 def folder_config(folder: Path) -> dict:
-    """config.json of an export folder, with its "mote_onnx" entry checked."""
+    """config.json of an export folder, with its "mote_onnx" entry and the sizes this engine reads checked
+    (a corrupt value is one error line here, not a KeyError or TypeError later)."""
     cfg = _read_json(folder / "config.json")
     info = cfg.get("mote_onnx")
     if not isinstance(info, dict) or cfg.get("model_type") != "qwen2":
         raise MoteExportError(f"{folder}/config.json is not an ONNX export's (no 'mote_onnx' entry); "
                               "expected a folder written by mote-export --format onnx")
+    bad = [k for k in _SIZES if not _count(cfg.get(k))]
+    bad += [k for k in _OPTIONAL_SIZES if cfg.get(k) is not None and not _count(cfg[k])]
+    bad += [f"mote_onnx.{k}" for k in _INFO_SIZES if not _count(info.get(k))]
+    bad += [] if _count(info.get("image_token_index"), 0) else ["mote_onnx.image_token_index"]
+    files = info.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, str) and v and "/" not in v and v not in (".", "..")
+                                              for v in files.values()):
+        bad.append("mote_onnx.files (file names in the folder)")
+    if not isinstance(cfg.get("mote") or {}, dict):
+        bad.append("mote")
+    if bad:
+        raise MoteExportError(f"{folder}/config.json: {', '.join(bad)} missing or of the wrong type (sizes are "
+                              "positive integers); export the folder again with mote-export --format onnx")
     return cfg
+
+
+def _run(session, what: str, feed: dict) -> list:
+    """session.run; onnxruntime's own exception types (a graph that loads but does not run) are one line."""
+    try:
+        return session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; all mean a broken export
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MoteExportError(f"onnxruntime could not run {what} ({first[:300]}); export the folder again with "
+                              "mote-export --format onnx") from None
 
 
 def resolve_inputs(model_arg: str | Path, mmproj_arg: str | Path | None) -> tuple[Path, None]:
@@ -133,7 +166,10 @@ def format_memory(plan: dict) -> str:
 
 def _chat_template(folder: Path) -> str:
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MoteExportError(f"{folder}/chat_template.jinja is not readable UTF-8 text ({exc})") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             t = _read_json(folder / name).get("chat_template")
@@ -149,9 +185,30 @@ def _processor(folder: Path) -> dict:
             data = _read_json(folder / name)
             proc = data.get(key) if key else data
             if isinstance(proc, dict):
-                return proc | ({"image_token": data["image_token"]} if key and "image_token" in data else {})
+                proc = proc | ({"image_token": data["image_token"]} if key and "image_token" in data else {})
+                _check_processor(proc, folder / name)
+                return proc
     raise MoteExportError(f"{folder} has no image processor settings (processor_config.json or "
                           "preprocessor_config.json)")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _check_processor(proc: dict, where: Path) -> None:
+    """The settings pixel_values reads have the types the HF processor writes."""
+    bad = [k for k in ("resample",) if k in proc and not (_count(proc[k], 0) and proc[k] <= 5)]
+    bad += [k for k in ("rescale_factor",) if k in proc and not _number(proc[k])]
+    for k in ("image_mean", "image_std"):  # one number or one per channel; a std of 0 divides by zero
+        v = proc.get(k, [1.0])
+        v = v if isinstance(v, list) and len(v) in (1, 3) else [v]
+        if not all(_number(x) and (k == "image_mean" or x != 0) for x in v):
+            bad.append(k)
+    bad += [k for k in ("image_token",) if k in proc and not (isinstance(proc[k], str) and proc[k])]
+    if bad:
+        raise MoteExportError(f"{where}: {', '.join(bad)} of the wrong type or value (resample 0-5, numbers, "
+                              "3 means / non-zero stds, a token string); export the folder again")
 
 
 def pixel_values(path: str | Path, proc: dict, size: int) -> np.ndarray:
@@ -211,7 +268,10 @@ class Session:
                         if isinstance(tok_cfg.get(k), str)}
         gen = _read_json(self.folder / "generation_config.json") if (self.folder / "generation_config.json").is_file() else {}
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if not all(_count(e, 0) for e in eos):
+            raise MoteExportError(f"{self.folder}: eos_token_id {eos!r} is not a token id or a list of them")
+        self.eos = set(eos)
 
     # -- pieces -----------------------------------------------------------------------------------------------------
 
@@ -229,7 +289,7 @@ class Session:
 
     def image_features(self, image: str | Path) -> np.ndarray:
         pix = pixel_values(image, self.proc, self.image_size)
-        return self.sessions["vision"].run(None, {"pixel_values": pix})[0]
+        return _run(self.sessions["vision"], "vision.onnx", {"pixel_values": pix})[0]
 
     def _empty_past(self) -> list[np.ndarray]:
         z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
@@ -239,7 +299,7 @@ class Session:
         feed = {"attention_mask": np.ones((1, total), np.int64), "position_ids": positions[None]} | x
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        out = self.sessions["decoder"].run(None, feed)
+        out = _run(self.sessions["decoder"], "decoder.onnx", feed)
         return out[0], out[1:]
 
     def generate_ids(self, image: str | Path, question: str, max_tokens: int, temperature: float = 0.0,
@@ -253,7 +313,7 @@ class Session:
         if feats.shape[0] != ids.count(self.image_token_id):
             raise MoteExportError(f"vision.onnx gave {feats.shape[0]} image features for "
                                   f"{ids.count(self.image_token_id)} image tokens")
-        embeds = self.sessions["embedding"].run(None, {"input_ids": np.asarray([ids], np.int64),
+        embeds = _run(self.sessions["embedding"], "embedding.onnx", {"input_ids": np.asarray([ids], np.int64),
                                                        "image_features": feats})[0]
         total = len(ids)
         logits, past = self._decode(self._empty_past(), total, np.arange(total, dtype=np.int64), inputs_embeds=embeds,

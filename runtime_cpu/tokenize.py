@@ -39,7 +39,8 @@ class GGUFTokenizer:
             pairs = [tuple(m.split(" ", 1)) for m in merges]
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, fuse_unk=False)
         except Exception as exc:  # tokenizers raises its own exception types
-            raise MoteExportError(f"{g.path}: tokenizer.ggml.merges do not make a BPE ({exc})") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # tokenizers' messages run long
+            raise MoteExportError(f"{g.path}: tokenizer.ggml.merges do not make a BPE ({first})") from None
         tok = Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),

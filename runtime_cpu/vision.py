@@ -47,7 +47,7 @@ class Vision:
         n_blocks = int(k("block_count"))
         if (self.mean.shape != (3,) or self.std.shape != (3,) or np.any(self.std <= 0) or not self.layers
                 or self.layers != sorted(set(self.layers)) or self.layers[0] < 0 or self.layers[-1] > n_blocks
-                or self.d % self.heads or self.size < self.patch):
+                or self.heads <= 0 or self.patch <= 0 or self.d % self.heads or self.size < self.patch):
             raise MoteExportError(f"{g.path}: unusable clip.vision keys (mean/std {self.mean}/{self.std}, feature_layer "
                                   f"{self.layers}, {n_blocks} blocks, width {self.d}, {self.heads} heads)")
         d, p = self.d, self.patch

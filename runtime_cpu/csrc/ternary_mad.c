@@ -39,23 +39,27 @@ int mote_quant_act(const float *x, int64_t x_stride, int64_t T, int64_t K, int64
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * x_stride;
         int8_t *qr = q + t * q_stride;
-        float amax = 0.0f;
+        float amax = 0.0f, xk;
         for (int64_t k = 0; k < K; k++) {
-            float a = fabsf(xr[k]);
+            memcpy(&xk, xr + k, sizeof xk);  /* x may be a view at any byte address */
+            float a = fabsf(xk);
             amax = a > amax ? a : amax;
         }
         amax = amax > eps ? amax : eps;
         const float inv = (1.0f / amax) * 127.0f;  /* torch's 127 / amax: reciprocal, then times 127 */
         int32_t s = 0;
         for (int64_t k = 0; k < K; k++) {
-            float v = rintf(xr[k] * inv);
+            memcpy(&xk, xr + k, sizeof xk);
+            float v = rintf(xk * inv);
+            if (v != v) v = 0.0f;  /* NaN (a file with NaN weights): casting it to int8 is undefined */
             v = v > 127.0f ? 127.0f : (v < -128.0f ? -128.0f : v);
             qr[k] = (int8_t)v;
             s += qr[k];
         }
         memset(qr + K, 0, (size_t)(Kp - K));
-        sumq[t] = s;
-        step[t] = amax / 127.0f;
+        const float st = amax / 127.0f;
+        memcpy(sumq + t, &s, sizeof s);
+        memcpy(step + t, &st, sizeof st);
     }
     return 0;
 }
@@ -75,8 +79,14 @@ typedef struct {
 } job_t;
 
 static inline void store(const job_t *J, int64_t t, int64_t n, int32_t dot) {
-    const int32_t acc = dot - J->sumq[t];
-    J->y[t * J->y_stride + n] = (float)((double)acc * ((double)J->step[t] * (double)J->scale[n]));
+    /* step / scale / sumq / y may sit at any byte address (numpy views): memcpy, never a misaligned load */
+    int32_t sq;
+    float st, sc;
+    memcpy(&sq, J->sumq + t, sizeof sq);
+    memcpy(&st, J->step + t, sizeof st);
+    memcpy(&sc, J->scale + n, sizeof sc);
+    const float y = (float)((double)(dot - sq) * ((double)st * (double)sc));
+    memcpy(J->y + t * J->y_stride + n, &y, sizeof y);
 }
 
 static void rows_scalar(void *ctx, int64_t n0, int64_t n1) {

@@ -1,0 +1,185 @@
+"""Fuzzed readers (issue 12), the quick run: hypothesis draws structure-aware mutations of the real files the
+project writes (benchmarks/fuzz.py: the tiny checkpoint exported to GGUF + mmproj and to an ONNX folder, its
+model.safetensors, the tiny task's pictures) and each case runs in a worker subprocess bounded in time
+(alarm + kill) and memory (RLIMIT_AS). The property: the reader loads it (the model and ONNX readers also
+answer a question) or raises MoteExportError with one line; another exception type, a crash, a hang or a
+MemoryError fails the test with the case hypothesis shrank it to. derandomize=True: the same cases every run.
+
+The long run is a program: python -m mote_edge.benchmarks.fuzz --cases 100000 --reader all -o OUT."""
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from mote_edge.benchmarks import fuzz
+
+CASES = {"gguf": 250, "image": 200, "safetensors": 120, "model": 150, "onnx": 50}  # about 50 s in all here
+
+
+@pytest.fixture(scope="module")
+def fuzzer(tmp_path_factory) -> fuzz.Fuzzer:
+    return fuzz.Fuzzer(fuzz.make_corpus(tmp_path_factory.mktemp("fuzz-corpus")))
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = fuzz.Worker()
+    yield w
+    w.close()
+
+
+def _run(fuzzer, worker, reader: str, plan, where: Path) -> dict:
+    d = Path(tempfile.mkdtemp(dir=where))
+    try:
+        case = fuzzer.build(reader, plan, d)
+        return worker.run(case, fuzz.DEFAULT_TIMEOUT[reader])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("reader", fuzz.READERS)
+def test_every_mutated_file_loads_or_is_one_error_line(reader, fuzzer, worker, tmp_path):
+    seen = {"ok": 0, "rejected": 0}
+
+    @settings(max_examples=CASES[reader], deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(fuzzer.strategy(reader))
+    def case(plan):
+        res = _run(fuzzer, worker, reader, plan, tmp_path)
+        assert res["outcome"] in ("ok", "rejected"), f"{reader}: {res}"
+        seen[res["outcome"]] += 1
+
+    case()
+    # the mutations are neither all harmless nor all fatal: both outcomes occur
+    assert seen["rejected"] > 0 and seen["ok"] > 0, seen
+
+
+def test_unmutated_files_load_and_answer(fuzzer, worker):
+    """The corpus itself passes every reader: a rejection in the fuzz run is the mutation's doing."""
+    c = fuzzer.c
+    cases = [{"reader": "gguf", "path": str(c.llm)}, {"reader": "gguf", "path": str(c.mmproj)},
+             {"reader": "safetensors", "path": str(c.safetensors)},
+             {"reader": "onnx", "path": str(c.onnx), "image": str(c.question_image)}]
+    cases += [{"reader": "image", "path": str(p)} for _, p in c.images]
+    cases += [{"reader": "model", "model": str(c.llm), "mmproj": str(c.mmproj), "kernel": k,
+               "image": str(c.question_image)} for k in fuzz.KERNELS]
+    for case in cases:
+        res = worker.run(case, 60)
+        assert res["outcome"] == "ok", (case, res)
+    assert res["message"] == "'red'"  # the tiny model's answer about its first test picture
+
+
+def test_the_worker_reports_crashes_hangs_and_memory(tmp_path):
+    """The harness can fail: a segfault, a loop and a huge allocation in a case are each reported as such
+    (not as a pass, not as a dead driver), and the worker comes back for the next case."""
+    w = fuzz.Worker(memory_mb=1024)
+    try:
+        crash = w.run({"reader": "selftest", "do": "segfault"}, 20)
+        assert crash["outcome"] == "crash" and "SIGSEGV" in crash["type"], crash
+        hang = w.run({"reader": "selftest", "do": "loop"}, 2, wait=5)
+        assert hang["outcome"] == "hang", hang
+        hang = w.run({"reader": "selftest", "do": "c-loop"}, 2, wait=3)  # a C call no alarm interrupts: killed
+        assert hang["outcome"] == "hang" and hang["type"] == "killed", hang
+        mem = w.run({"reader": "selftest", "do": "allocate"}, 20)
+        assert mem["outcome"] == "memory", mem
+        ok = w.run({"reader": "image", "path": str(fuzz._assets() / "data" / "images" / "test_00000.png")}, 20)
+        assert ok["outcome"] == "ok", ok
+    finally:
+        w.close()
+
+
+# Findings of the long runs, fixed in the readers: each input class stays one error line.
+def _png_with(chunk_type: bytes, body: bytes) -> bytes:
+    png = (fuzz._assets() / "data" / "images" / "test_00000.png").read_bytes()
+    c = struct.pack(">I", len(body)) + chunk_type + body
+    import zlib
+
+    return png[:33] + c + struct.pack(">I", zlib.crc32(c[4:])) + png[33:]
+
+
+FIXED = [
+    # safetensors_np: a header nested 100000 deep (json's RecursionError)
+    ("safetensors", ([], ("nest", 100000))),
+    # safetensors_np: a dimension past int64 (np.prod's OverflowError), and one whose int64 product wraps to 0
+    ("safetensors", ([("shape", 0, "@@LIT:[100000000000000000000000000000]")], None)),
+    ("safetensors", ([("shape", 0, [2**32, 2**32]), ("offsets", 0, [0, 0], 0)], None)),
+    # safetensors_np: an offset of 1e400 (inf: int()'s OverflowError)
+    ("safetensors", ([("offsets", 0, "@@LIT:[0, 1e400]", 0)], None)),
+]
+
+
+@pytest.mark.parametrize("reader,plan", FIXED)
+def test_fixed_findings_stay_one_error_line(reader, plan, fuzzer, worker, tmp_path):
+    res = _run(fuzzer, worker, reader, plan, tmp_path)
+    assert res["outcome"] == "rejected", res
+
+
+@pytest.mark.parametrize("chunk,body", [(b"iCCP", b"x\x00\xe1\xb3"), (b"IHDR", b"\x00" * 13)])
+def test_broken_png_chunks_are_one_error_line(chunk, body, worker, tmp_path):
+    """images.load_rgb: PIL raises SyntaxError for a broken chunk; DecompressionBombError for a huge IHDR."""
+    p = tmp_path / "bad.png"
+    p.write_bytes(_png_with(chunk, body))
+    res = worker.run({"reader": "image", "path": str(p)}, 20)
+    assert res["outcome"] == "rejected" and "cannot read image" in res["message"], res
+    bomb = bytearray((fuzz._assets() / "data" / "images" / "test_00000.png").read_bytes())
+    struct.pack_into(">II", bomb, 16, 2**20, 2**20)
+    fuzz._crc(bomb, 8)  # a valid IHDR chunk: PIL reads the size
+    p.write_bytes(bytes(bomb))
+    res = worker.run({"reader": "image", "path": str(p)}, 20)
+    assert res["outcome"] == "rejected" and "DecompressionBomb" in res["message"], res
+
+
+def _onnx_case(fuzzer, tmp_path, edit) -> dict:
+    """The corpus' ONNX folder (hard links) with one file replaced by edit(name -> bytes) -> {name: bytes}."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    changed = edit({n: b for n, b in fuzzer.onnx.files.items()})
+    for name, data in fuzzer.onnx.files.items():
+        if name in changed:
+            (folder / name).write_bytes(changed[name])
+        else:
+            fuzz._link(fuzzer.c.onnx / name, folder / name)
+    return {"reader": "onnx", "path": str(folder), "image": str(fuzzer.c.question_image)}
+
+
+def _json_edit(name: str, change):
+    def edit(files):
+        import json
+
+        obj = json.loads(files[name])
+        change(obj)
+        return {name: json.dumps(obj).encode()}
+
+    return edit
+
+
+ONNX_FIXED = {
+    # onnx_engine.folder_config: a size missing (KeyError) or a list where file names go (TypeError)
+    "no hidden_size": _json_edit("config.json", lambda c: c.pop("hidden_size")),
+    "files not names": _json_edit("config.json", lambda c: c["mote_onnx"].update(files=[1, 2])),
+    "string size": _json_edit("config.json", lambda c: c.update(num_hidden_layers="4")),
+    # onnx_engine._check_processor / eos: values pixel_values and the sampler read
+    "zero std": _json_edit("processor_config.json", lambda c: c["image_processor"].update(image_std=[0, 0, 0])),
+    "eos list of lists": _json_edit("generation_config.json", lambda c: c.update(eos_token_id=[[1]])),
+    # onnx_engine._chat_template: a template that is not UTF-8 (UnicodeDecodeError)
+    "template bytes": lambda files: {"chat_template.jinja": b"\xff" + files["chat_template.jinja"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONNX_FIXED))
+def test_fixed_onnx_folder_findings_are_one_error_line(name, fuzzer, worker, tmp_path):
+    res = worker.run(_onnx_case(fuzzer, tmp_path, ONNX_FIXED[name]), 60)
+    assert res["outcome"] == "rejected", res
+
+
+def test_a_graph_that_loads_but_does_not_run_is_one_error_line(fuzzer, worker, tmp_path):
+    """onnx_engine._run: embedding.onnx with an input dimension changed loads, then onnxruntime's run raises
+    its own InvalidArgument: one line naming the graph."""
+    plan = [("proto", "embedding.onnx", "input_dims", 386, 2829)]
+    res = _run(fuzzer, worker, "onnx", plan, tmp_path)
+    assert res["outcome"] == "rejected" and "could not run embedding.onnx" in res["message"], res
