@@ -54,7 +54,8 @@ from ..runtime_cpu.llm import PROJS, LLMConfig, _ternary_scales, read_config
 from ..runtime_cpu.quants import decode_float, decode_float_rows
 from ..runtime_cpu.records import IMAGE_PLACEHOLDER
 from ..runtime_cpu.sampling import sample
-from ..runtime_cpu.tokenize import GGUFTokenizer, StreamDecoder
+from ..runtime_cpu.generate import Answering, generate
+from ..runtime_cpu.tokenize import GGUFTokenizer
 from .engine_memory import PREFILL_CHUNK, format_plan, plan_gpu
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -602,7 +603,7 @@ def check_device_memory(plan: dict, dev) -> None:
                               f"{human(total)}; lower --n-ctx or export smaller types (mote-export --memory-budget)")
 
 
-class CudaModel:
+class CudaModel(Answering):
     """An LLM GGUF + its mmproj on a torch device; answers many questions (the MoteModel API)."""
 
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
@@ -716,27 +717,9 @@ class CudaModel:
         h = self.prompt_embeddings(image, question)
         if len(h) >= self.n_ctx:
             raise MoteExportError(f"the prompt ({len(h)} tokens with the image) does not fit n_ctx {self.n_ctx}")
-        logits = self.llm.forward(h, 0)
-        pos, out = len(h), StreamDecoder(self.tokenizer)
-        for n in range(max_tokens):
-            tok = self._sample(logits, temperature, top_k, top_p, rng)
-            if tok in self.tokenizer.eog:
-                yield out.flush(), "stop"
-                return
-            yield out.add(tok), None
-            if n + 1 == max_tokens or pos >= self.n_ctx:
-                break
-            logits = self.llm.forward(self.llm.embed([tok]), pos)
-            pos += 1
-        yield out.flush(), "length"
-
-    def ask(self, image, question: str, **kw):
-        for piece, _ in self.stream(image, question, **kw):
-            if piece:
-                yield piece
-
-    def answer(self, image, question: str, max_tokens: int = 8, **kw) -> str:
-        return "".join(self.ask(image, question, max_tokens=max_tokens, **kw))
+        yield from generate(self.llm.forward(h, 0), lambda tok, pos: self.llm.forward(self.llm.embed([tok]), pos),
+                            lambda lg: self._sample(lg, temperature, top_k, top_p, rng), self.tokenizer, len(h),
+                            self.n_ctx, max_tokens)
 
 
 # ---- decode speed at a shape (device_check) --------------------------------------------------------------------

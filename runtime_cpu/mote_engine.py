@@ -31,7 +31,8 @@ from .llm import LLM, MoE, read_config
 from .mote_memory import format_resident, plan_resident
 from .records import evaluate_records
 from .sampling import sample
-from .tokenize import GGUFTokenizer, StreamDecoder
+from .generate import Answering, generate
+from .tokenize import GGUFTokenizer
 from .vision import Vision
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -47,7 +48,7 @@ def _open(path: Path, what: str) -> GGUFModel:
     return GGUFModel(path)
 
 
-class MoteModel:
+class MoteModel(Answering):
     """An LLM GGUF + its mmproj, loaded once; answers many questions."""
 
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
@@ -168,28 +169,13 @@ class MoteModel:
             raise MoteExportError(f"the prompt ({len(h)} tokens with the image) does not fit n_ctx {self.n_ctx}")
         logits = self.llm.forward(h, self.cache, 0)
         self.route_kinds += self.kinds
-        pos, out = len(h), StreamDecoder(self.tokenizer)
-        for n in range(max_tokens):
-            tok = sample(logits, temperature, top_k, top_p, rng)
-            if tok in self.tokenizer.eog:
-                yield out.flush(), "stop"
-                return
-            yield out.add(tok), None
-            if n + 1 == max_tokens or pos >= self.n_ctx:  # the context is full: no room to feed it back
-                break
-            logits = self.llm.forward(self.llm.embed([tok]), self.cache, pos)
+
+        def feed(tok: int, pos: int):
             self.route_kinds.append("text")
-            pos += 1
-        yield out.flush(), "length"
+            return self.llm.forward(self.llm.embed([tok]), self.cache, pos)
 
-    def ask(self, image, question: str, **kw):
-        """The answer's text pieces as they are generated."""
-        for piece, _ in self.stream(image, question, **kw):
-            if piece:
-                yield piece
-
-    def answer(self, image, question: str, max_tokens: int = 8, **kw) -> str:
-        return "".join(self.ask(image, question, max_tokens=max_tokens, **kw))
+        yield from generate(logits, feed, lambda lg: sample(lg, temperature, top_k, top_p, rng), self.tokenizer,
+                            len(h), self.n_ctx, max_tokens)
 
 
 def evaluate(model: MoteModel, records: list[dict], images_dir: str | Path, max_tokens: int = 8,
