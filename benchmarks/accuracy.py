@@ -207,6 +207,35 @@ def evaluate_file(engine: str, model: Path, mmproj: Path, records: list[dict], i
     return acc | {"seconds": time.perf_counter() - t0}
 
 
+def evaluate_all(specs, files: dict, projs: dict, records: list[dict], images: Path, a, progress: bool) -> dict:
+    """{file name: evaluate_file's result}, --jobs files at a time, each in a fresh (spawned) process: the
+    files are independent, and a fresh process loads llama.cpp with OMP_WAIT_POLICY=passive in effect."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(specs), desc=f"evaluating ({a.engine})", unit="file", disable=not progress)
+    out = {}
+    try:
+        if a.jobs == 1 or len(specs) == 1:
+            for s in specs:
+                out[s.name] = evaluate_file(a.engine, files[s.name], projs[s.variant], records, images, a.threads,
+                                            s.name, progress)
+                bar.update()
+            return out
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(a.jobs, len(specs)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(evaluate_file, a.engine, files[s.name], projs[s.variant], records, images,
+                                   a.threads, s.name, False): s.name for s in specs}
+            for f in as_completed(futures):
+                out[futures[f]] = f.result()
+                bar.set_postfix_str(futures[f])
+                bar.update()
+        return out
+    finally:
+        bar.close()
+
+
 # ---- inputs --------------------------------------------------------------------------------------------
 
 def _assets() -> Path:
@@ -408,6 +437,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default ~/.cache/mote-edge/accuracy)")
     p.add_argument("--out", default="mote-accuracy-out", help="report folder (created; its parent must exist)")
     p.add_argument("--plot", help="write the plot here instead of OUT/accuracy.png")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="files evaluated at once, each in its own process with --threads threads (default: one "
+                        "per CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -423,7 +455,7 @@ def run(argv=None) -> dict:
 
     if a.engine not in ENGINES:
         raise MoteExportError(f"--engine {a.engine!r}; accepted: {', '.join(ENGINES)}")
-    for name in ("heldout", "limit", "threads"):
+    for name in ("heldout", "limit", "threads", "jobs"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise MoteExportError(f"--{name} must be at least 1")
     if a.images and not a.data:
@@ -451,14 +483,13 @@ def run(argv=None) -> dict:
     files, projs, build = export_all(specs, ckpts, cache, a.other_type.lower(), progress)
     export_s = time.perf_counter() - t0
 
-    from tqdm import tqdm
-
     from .bench_measure import gguf_costs
 
+    accs = evaluate_all(specs, files, projs, records, images, a, progress)
     points = []
-    for s in tqdm(specs, desc=f"evaluating ({a.engine})", unit="file", disable=not progress):
+    for s in specs:
         cost = gguf_costs(files[s.name])
-        acc = evaluate_file(a.engine, files[s.name], projs[s.variant], records, images, a.threads, s.name, progress)
+        acc = accs[s.name]
         hits = round(acc["overall"] * acc["n"] / 100)
         points.append({"name": s.name, "label": s.label, "spec": asdict(s), "path": str(files[s.name]),
                        "mmproj": str(projs[s.variant]), "expert_bytes": cost["expert_bytes"],
