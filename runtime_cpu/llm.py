@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from ..exporters.errors import MoteExportError
 from .gguf_model import GGUFModel
 from . import clib
-from .clinear import FloatGroup, FloatOne, LutMatrix, TernaryGroup, TernaryOne
+from .clinear import FloatGroup, FloatOne, LutMatrix, TernaryExperts
 from .float_kernels import TYPES as C_FLOAT_TYPES
 from .kernels import FloatLinear, Fused, Separate, TernaryLinear, rms_norm, silu, softmax
 from .quants import FLOAT_NATIVE, decode_float, decode_float_rows, decode_ternary
@@ -248,10 +248,33 @@ class FFN:
         return y * self.scale if self.scale != 1 else y
 
 
-class MoE:
-    """Router + routed experts (+ shared expert), the routing of mote_edge/moe.py."""
+class ExpertList:
+    """Routed experts run one after another, each its own FFN (numpy kernels; full-precision experts)."""
 
-    def __init__(self, router: np.ndarray | None, experts: list[FFN], top_k: int, shared: FFN | None):
+    def __init__(self, ffns: list[FFN]):
+        self.ffns = ffns
+
+    def decode(self, x: np.ndarray, probs: np.ndarray, chosen: list[int]) -> np.ndarray:
+        out = np.zeros_like(x)
+        for e in chosen:
+            out += self.ffns[e](x) * probs[0, e]
+        return out
+
+    def prefill(self, x: np.ndarray, probs: np.ndarray, top: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x)
+        for e, ffn in enumerate(self.ffns):
+            tok, _ = np.nonzero(top == e)
+            if tok.size:
+                out[tok] += ffn(x[tok]) * probs[tok, e][:, None]
+        return out
+
+
+class MoE:
+    """Router + routed experts (+ shared expert), the routing of mote_edge/moe.py. `experts` runs the chosen
+    experts: ExpertList (one FFN after another) or clinear.TernaryExperts (by stage on the C kernels); both
+    add the experts' outputs in expert-index order."""
+
+    def __init__(self, router: np.ndarray | None, experts, top_k: int, shared: FFN | None):
         self.router, self.experts, self.top_k, self.shared = router, experts, top_k, shared
         self.trace: list | None = None  # when a list: every call's [T, top_k] expert ids are appended (routes)
 
@@ -262,14 +285,10 @@ class MoE:
             top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.top_k]
             if self.trace is not None:
                 self.trace.append(top.copy())
-            if x.shape[0] == 1:  # decode: only the chosen experts, in index order as below
-                for e in sorted(int(e) for e in top[0]):
-                    out += self.experts[e](x) * probs[0, e]
+            if x.shape[0] == 1:  # decode: only the chosen experts, in index order
+                out = self.experts.decode(x, probs, sorted(int(e) for e in top[0]))
             else:
-                for e, expert in enumerate(self.experts):
-                    tok, _ = np.nonzero(top == e)
-                    if tok.size:
-                        out[tok] += expert(x[tok]) * probs[tok, e][:, None]
+                out = self.experts.prefill(x, probs, top)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
@@ -346,8 +365,7 @@ class LLM:
             if c.variant == "mote" and ld.kernel != "numpy":  # C kernels: gate and up share one quantisation
                 gate, up, down = (ld.ternary_matrices(f"{b}ffn_{p}_exps.weight", shapes[p], scales[(i, p)],
                                                       ternary_family(ld.kernel, *shapes[p][1:])) for p in PROJS)
-                for e in range(E):
-                    experts.append(FFN(TernaryGroup([gate[e], up[e]], c.act_eps), TernaryOne(down[e], c.act_eps)))
+                experts = TernaryExperts(gate, up, down, c.act_eps)
             elif c.variant == "mote":  # an expert's gate and up: one int8 matrix [2F, H], a scale per half
                 gu = np.empty((E, 2 * F, H), np.int8)
                 gu[:, :F] = ld.ternary(f"{b}ffn_gate_exps.weight", shapes["gate"], scales[(i, "gate")])
@@ -383,7 +401,7 @@ class LLM:
             shared = FFN(ld.stacked([b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight"], [(F, H), (F, H)],
                                     [None, None]),
                          ld.linear(b + "ffn_down_shexp.weight", (H, F)), scale=c.shared_scale)
-        return MoE(router, experts, c.top_k, shared)
+        return MoE(router, experts if isinstance(experts, TernaryExperts) else ExpertList(experts), c.top_k, shared)
 
     # ---- forward -----------------------------------------------------------------------------------------------
 

@@ -36,8 +36,19 @@ def _lib() -> ctypes.CDLL:
             raise MoteExportError(clib.error())
         L.mote_quant_act.argtypes = [_P, _I, _I, _I, _I, ctypes.c_float, _P, _I, _P, _P, ctypes.c_int]
         L.mote_tern_gemm.argtypes = [_P, _I, _I, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, ctypes.c_int]
+        L.mote_tern_gemm_batch.argtypes = [_P, ctypes.c_int, ctypes.c_int]
+        L.mote_lut_gemm_batch.argtypes = [_P, ctypes.c_int, ctypes.c_int]
         _L = L
     return _L
+
+
+class TernCall(ctypes.Structure):
+    """mote_tern_call (csrc/mote_kernels.h): one product of a batch."""
+    _fields_ = [("w", _P), ("block_bytes", _I), ("row_bytes", _I), ("N", _I), ("Kp", _I), ("q", _P), ("q_stride", _I),
+                ("sumq", _P), ("step", _P), ("scale", _P), ("T", _I), ("y", _P), ("y_stride", _I)]
+
+
+MAX_BATCH = 64  # MOTE_MAX_TASKS
 
 
 def padded(k: int) -> int:
@@ -119,3 +130,38 @@ def gemm(m: TernaryMatrix, q: np.ndarray, sumq: np.ndarray, step: np.ndarray, is
     if rc:
         raise MoteExportError(f"ternary product failed (code {rc}) for [{t}, {m.kp}] x [{m.n}, {m.kp}]")
     return y
+
+
+def check_activations(n: int, kp: int, q, sumq, step) -> int:
+    """T of quantised activations (quantize()) that fit an [n, kp] ternary matrix; rows of q may be further apart
+    than kp (a row slice of a wider set)."""
+    if not isinstance(q, np.ndarray) or q.dtype != np.int8 or q.ndim != 2 or q.shape[1] != kp or q.strides[1] != 1 \
+            or (q.shape[0] > 1 and q.strides[0] < kp):
+        raise MoteExportError(f"activations {getattr(q, 'dtype', type(q))} {list(np.shape(q))} do not fit a "
+                              f"[{n}, {kp}] ternary matrix (int8 [T, {kp}] rows expected)")
+    t = q.shape[0]
+    for a, dt, what in ((sumq, np.int32, "sumq"), (step, np.float32, "step")):
+        if not isinstance(a, np.ndarray) or a.dtype != dt or a.shape != (t,) or not a.flags.c_contiguous:
+            raise MoteExportError(f"{what} must be a contiguous {np.dtype(dt).name} vector of one value per token")
+    return t
+
+
+def run_batch(calls: list[tuple], lut: bool, isa: str | None = None) -> list[np.ndarray]:
+    """[(w pointer, block_bytes, row_bytes, n, kp, scale pointer, q, sumq, step)] -> their products y [T, n], all
+    in one pool job (mote_tern_gemm_batch, or mote_lut_gemm_batch when `lut`: w is then the LUT-packed matrix)."""
+    L, ys = _lib(), []
+    fn = L.mote_lut_gemm_batch if lut else L.mote_tern_gemm_batch
+    code = clib.AUTO if isa is None else clib.isa_code(isa)
+    for b in range(0, len(calls), MAX_BATCH):
+        part = calls[b:b + MAX_BATCH]
+        arr = (TernCall * len(part))()
+        for i, (w, bb, rb, n, kp, scale, q, sumq, step) in enumerate(part):
+            t = check_activations(n, kp, q, sumq, step)
+            y = np.empty((t, n), np.float32)
+            ys.append(y)
+            arr[i] = TernCall(w, bb, rb, n, kp, _ptr(q), q.strides[0] if t > 1 else kp, _ptr(sumq), _ptr(step), scale,
+                              t, _ptr(y), n)
+        rc = fn(arr, len(part), code)
+        if rc:
+            raise MoteExportError(f"batched ternary product failed (code {rc})")
+    return ys

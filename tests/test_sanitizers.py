@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "runtime_cpu" / "csrc"
-KERNEL_TESTS = ["tests/test_kernels_mad.py", "tests/test_kernels_lut.py", "tests/test_kernels_float.py"]
+KERNEL_TESTS = ["tests/test_kernels_mad.py", "tests/test_kernels_lut.py", "tests/test_kernels_float.py",
+                "tests/test_kernels_batch.py"]
 # float-cast-overflow is not in gcc's "undefined" group: a NaN or huge float cast to an integer (a corrupt
 # file's NaN weights reach the activation quantiser) is undefined behaviour too
 SANITIZED = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer"]

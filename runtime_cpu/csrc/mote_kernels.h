@@ -37,5 +37,30 @@ typedef void (*mote_range_fn)(void *ctx, int64_t begin, int64_t end);
 /* Runs fn(ctx, b, e) over [0, n) in chunks of `grain` items (the last may be shorter), on every thread of
  * the pool; returns when all chunks are done. Not reentrant: call it from one thread at a time. */
 void mote_parallel_for(mote_range_fn fn, void *ctx, int64_t n, int64_t grain);
+/* Several such loops as one pool job: every chunk of every task goes to whichever thread is free, so small
+ * products (a MoE layer's chosen experts) keep all threads busy with one wake-up instead of one each. */
+#define MOTE_MAX_TASKS 64
+typedef struct {
+    mote_range_fn fn;
+    void *ctx;
+    int64_t n, grain;
+} mote_task;
+void mote_parallel_tasks(const mote_task *tasks, int ntasks);  /* ntasks <= MOTE_MAX_TASKS */
+
+/* One ternary product of a batch: mote_tern_gemm's arguments. For the lookup-table family `w` is the LUT-packed
+ * matrix and block_bytes / row_bytes / sumq are not read. A batch runs all its products in one pool job. */
+typedef struct {
+    const uint8_t *w;
+    int64_t block_bytes, row_bytes, N, Kp;
+    const int8_t *q;
+    int64_t q_stride;
+    const int32_t *sumq;
+    const float *step, *scale;
+    int64_t T;
+    float *y;
+    int64_t y_stride;
+} mote_tern_call;
+int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multiply-add (ternary_mad.c) */
+int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
 #endif

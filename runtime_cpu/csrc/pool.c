@@ -114,3 +114,34 @@ void mote_parallel_for(mote_range_fn fn, void *ctx, int64_t n, int64_t grain) {
     run_chunks();
     while (atomic_load_explicit(&P.busy, memory_order_acquire) > 0) cpu_relax();
 }
+
+/* mote_parallel_tasks: the tasks' chunks numbered one after another; chunk c belongs to the task i with
+ * first[i] <= c < first[i + 1]. */
+typedef struct {
+    const mote_task *t;
+    int64_t first[MOTE_MAX_TASKS + 1], grain[MOTE_MAX_TASKS];
+} task_set;
+
+static void task_chunks(void *ctx, int64_t c0, int64_t c1) {
+    const task_set *S = ctx;
+    int i = 0;
+    for (int64_t c = c0; c < c1; c++) {
+        while (c >= S->first[i + 1]) i++;
+        const mote_task *t = S->t + i;
+        const int64_t b = (c - S->first[i]) * S->grain[i], e = b + S->grain[i] < t->n ? b + S->grain[i] : t->n;
+        t->fn(t->ctx, b, e);
+    }
+}
+
+void mote_parallel_tasks(const mote_task *tasks, int ntasks) {
+    task_set S = {.t = tasks};
+    if (ntasks < 0 || ntasks > MOTE_MAX_TASKS) return;
+    S.first[0] = 0;
+    for (int i = 0; i < ntasks; i++) {
+        const int64_t g = tasks[i].grain < 1 ? 1 : tasks[i].grain, n = tasks[i].n > 0 ? tasks[i].n : 0;
+        S.grain[i] = g;
+        S.first[i + 1] = S.first[i] + (n + g - 1) / g;
+    }
+    /* grain here is in task chunks: a chunk is already a task's own grain of work */
+    mote_parallel_for(task_chunks, &S, S.first[ntasks], 1);
+}

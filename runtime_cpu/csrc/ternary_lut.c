@@ -632,50 +632,119 @@ static uint8_t *table_buffer(size_t bytes) {
     return tls_tab;
 }
 
-int mote_lut_gemm(const uint8_t *packed, int64_t N, int64_t Kp, const int8_t *q, int64_t q_stride, const int32_t *sumq,
-                  const float *step, const float *scale, int64_t T, float *y, int64_t y_stride, int isa) {
-    (void)sumq; /* the tables hold q * (code - 1): no sum(q) correction */
-    isa = mote_isa_pick(isa);
-    if (isa < 0) return -1;
-    if (N < 0 || T < 0 || Kp <= 0 || Kp % 256 || q_stride < Kp || y_stride < N) return -2;
-    const int64_t ncols = header_cols(packed, N, Kp);
+/* A product's job from its arguments (tables not yet placed); 0, or -2 when they do not describe one. */
+static int setup_job(lut_job *J, const mote_tern_call *c, int isa) {
+    if (c->N < 0 || c->T < 0 || c->Kp <= 0 || c->Kp % 256 || c->q_stride < c->Kp || c->y_stride < c->N) return -2;
+    const int64_t ncols = header_cols(c->w, c->N, c->Kp);
     if (!ncols) return -2;
-    if (N == 0 || T == 0) return 0;
-    lut_job J;
-    memset(&J, 0, sizeof J);
-    J.tiles = packed + HDR_BYTES;
-    J.N = N;
-    J.Kp = Kp;
-    J.ncols = ncols;
-    J.q = q;
-    J.q_stride = q_stride;
-    J.step = step;
-    J.scale = scale;
-    J.y = y;
-    J.y_stride = y_stride;
-    J.isa = isa;
-    J.tab_bytes = isa == MOTE_AVX2 ? 32 : 64;
-    J.tok_stride = J.ncols * 3 * J.tab_bytes;
-    J.chunk_cols = L1_TABLE_BYTES / (3 * J.tab_bytes);
-    J.build_cols = 64;
-    int64_t ts = SUPER_TABLE_BYTES / J.tok_stride;
-    ts = ts < TOK_BLOCK ? TOK_BLOCK : ts / TOK_BLOCK * TOK_BLOCK;
-    if (ts > T) ts = T;
-    J.tab = table_buffer((size_t)(ts * J.tok_stride));
-    if (!J.tab) return -3;
+    memset(J, 0, sizeof *J);
+    J->tiles = c->w + HDR_BYTES;
+    J->N = c->N;
+    J->Kp = c->Kp;
+    J->ncols = ncols;
+    J->q = c->q;
+    J->q_stride = c->q_stride;
+    J->step = c->step;
+    J->scale = c->scale;
+    J->y = c->y;
+    J->y_stride = c->y_stride;
+    J->isa = isa;
+    J->tab_bytes = isa == MOTE_AVX2 ? 32 : 64;
+    J->tok_stride = J->ncols * 3 * J->tab_bytes;
+    J->chunk_cols = L1_TABLE_BYTES / (3 * J->tab_bytes);
+    J->build_cols = 64;
+    int64_t ts = SUPER_TABLE_BYTES / J->tok_stride;  /* tokens whose tables are built at once */
+    J->ts = ts < TOK_BLOCK ? TOK_BLOCK : ts / TOK_BLOCK * TOK_BLOCK;
+    return 0;
+}
+
+static int64_t tile_grain(int64_t N) {
     const int64_t ntiles = ntiles_of(N), threads = mote_threads();
     int64_t grain = ntiles / (4 * threads);  /* ~4 chunks a thread; a multiple of 4 tiles where it can be */
-    grain = grain < 1 ? 1 : (grain > TILE_GRAIN_MAX ? TILE_GRAIN_MAX : (grain >= 4 ? grain / 4 * 4 : grain));
-    const int64_t per_tok = (J.ncols + J.build_cols - 1) / J.build_cols;
+    return grain < 1 ? 1 : (grain > TILE_GRAIN_MAX ? TILE_GRAIN_MAX : (grain >= 4 ? grain / 4 * 4 : grain));
+}
+
+static int64_t build_count(const lut_job *J) { return J->ts * ((J->ncols + J->build_cols - 1) / J->build_cols); }
+
+/* One product, its tokens in super-blocks (tables of all columns for `ts` tokens at a time). */
+static int gemm_one(lut_job *J, int64_t T) {
+    const int64_t ts = J->ts < T ? J->ts : T;
+    J->tab = table_buffer((size_t)(ts * J->tok_stride));
+    if (!J->tab) return -3;
     for (int64_t t0 = 0; t0 < T; t0 += ts) {
-        J.t0 = t0;
-        J.ts = t0 + ts <= T ? ts : T - t0;
+        J->t0 = t0;
+        J->ts = t0 + ts <= T ? ts : T - t0;
         /* a decode-sized table set (a few microseconds) is built by the caller: one pool round trip less */
-        if (J.ts * J.ncols <= 4096)
-            build_items(&J, 0, J.ts * per_tok);
+        if (J->ts * J->ncols <= 4096)
+            build_items(J, 0, build_count(J));
         else
-            mote_parallel_for(build_items, &J, J.ts * per_tok, 1);
-        mote_parallel_for(gemm_tiles, &J, ntiles, grain);
+            mote_parallel_for(build_items, J, build_count(J), 1);
+        mote_parallel_for(gemm_tiles, J, ntiles_of(J->N), tile_grain(J->N));
     }
     return 0;
+}
+
+int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa) {
+    isa = mote_isa_pick(isa);
+    if (isa < 0) return -1;
+    if (n < 0 || n > MOTE_MAX_TASKS) return -2;
+    lut_job J[MOTE_MAX_TASKS];
+    int owner[MOTE_MAX_TASKS];  /* the job whose tables this job reads (the same activations and columns) */
+    int nj = 0;
+    size_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        int rc = setup_job(J + nj, calls + i, isa);
+        if (rc) return rc;
+    }
+    for (int i = 0; i < n; i++) {
+        const mote_tern_call *c = calls + i;
+        if (c->N == 0 || c->T == 0) continue;
+        setup_job(J + nj, c, isa);
+        if (c->T > J[nj].ts) {  /* a long prompt: its own super-blocks, one product at a time */
+            int rc = gemm_one(J + nj, c->T);
+            if (rc) return rc;
+            continue;
+        }
+        J[nj].ts = c->T;
+        owner[nj] = nj;
+        for (int k = 0; k < nj; k++)
+            if (owner[k] == k && J[k].q == c->q && J[k].q_stride == c->q_stride && J[k].ts == c->T &&
+                J[k].ncols == J[nj].ncols && J[k].Kp == c->Kp) {
+                owner[nj] = k;
+                break;
+            }
+        if (owner[nj] == nj) bytes += (size_t)(c->T * J[nj].tok_stride);
+        nj++;
+    }
+    if (!nj) return 0;
+    /* every table of the batch in one per-thread buffer; long prompts above may have used it already */
+    uint8_t *tab = table_buffer(bytes);
+    if (!tab) return -3;
+    mote_task tasks[MOTE_MAX_TASKS];
+    int nt = 0;
+    int64_t small = 0;
+    for (int k = 0; k < nj; k++)
+        if (owner[k] == k) {
+            J[k].tab = tab;
+            tab += J[k].ts * J[k].tok_stride;
+            small += J[k].ts * J[k].ncols;
+            tasks[nt++] = (mote_task){build_items, J + k, build_count(J + k), 1};
+        }
+    if (small <= 4096)  /* decode-sized tables: built here, one pool round trip less */
+        for (int k = 0; k < nt; k++) build_items(tasks[k].ctx, 0, tasks[k].n);
+    else
+        mote_parallel_tasks(tasks, nt);
+    for (int k = 0; k < nj; k++) {
+        J[k].tab = J[owner[k]].tab;
+        tasks[k] = (mote_task){gemm_tiles, J + k, ntiles_of(J[k].N), tile_grain(J[k].N)};
+    }
+    mote_parallel_tasks(tasks, nj);
+    return 0;
+}
+
+int mote_lut_gemm(const uint8_t *packed, int64_t N, int64_t Kp, const int8_t *q, int64_t q_stride, const int32_t *sumq,
+                  const float *step, const float *scale, int64_t T, float *y, int64_t y_stride, int isa) {
+    /* the tables hold q * (code - 1): sum(q) is not read */
+    const mote_tern_call c = {packed, 0, 0, N, Kp, q, q_stride, sumq, step, scale, T, y, y_stride};
+    return mote_lut_gemm_batch(&c, 1, isa);
 }

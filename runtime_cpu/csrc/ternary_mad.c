@@ -232,41 +232,75 @@ static void rows_neon(void *ctx, int64_t n0, int64_t n1) {
 }
 #endif
 
+/* The arguments mote_tern_gemm checks (mote_kernels.h's layout); 0 when they describe a product. */
+static int bad_call(const mote_tern_call *c) {
+    return c->N < 0 || c->T < 0 || c->Kp <= 0 || c->Kp % 256 || c->block_bytes < 64 ||
+           c->row_bytes < c->Kp / 256 * c->block_bytes || c->q_stride < c->Kp || c->y_stride < c->N;
+}
+
+static mote_range_fn rows_fn(int isa) {
+    switch (isa) {
+#if defined(__x86_64__)
+    case MOTE_AVX2: return rows_avx2;
+    case MOTE_AVX512: return rows_avx512;
+#endif
+#if defined(__aarch64__)
+    case MOTE_NEON: return rows_neon;
+#endif
+    default: return rows_scalar;
+    }
+}
+
+int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa) {
+    isa = mote_isa_pick(isa);
+    if (isa < 0) return -1;
+    if (n < 0 || n > MOTE_MAX_TASKS) return -2;
+    for (int i = 0; i < n; i++)
+        if (bad_call(calls + i)) return -2;
+    job_t J[MOTE_MAX_TASKS];
+    mote_task tasks[MOTE_MAX_TASKS];
+#if defined(__x86_64__)
+    const mote_tern_call *src[MOTE_MAX_TASKS];  /* the call each job was made from */
+#endif
+    int8_t *owned[MOTE_MAX_TASKS];              /* AVX512: the block-order copy this job allocated, or NULL */
+    int nt = 0, rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const mote_tern_call *c = calls + i;
+        if (c->N == 0 || c->T == 0) continue;
+        J[nt] = (job_t){c->w, c->block_bytes, c->row_bytes, c->Kp / 256, c->q, c->q_stride, c->sumq, c->step,
+                        c->scale, c->T, c->y, c->y_stride};
+        owned[nt] = NULL;
+#if defined(__x86_64__)
+        src[nt] = c;
+        if (isa == MOTE_AVX512) {  /* block order once per distinct activation set (an expert's gate and up share one) */
+            for (int k = 0; k < nt; k++)
+                if (src[k]->q == c->q && src[k]->q_stride == c->q_stride && src[k]->T == c->T && src[k]->Kp == c->Kp) {
+                    J[nt].q = J[k].q;
+                    break;
+                }
+            if (J[nt].q == c->q) {
+                owned[nt] = malloc((size_t)(c->T * c->Kp));
+                if (!owned[nt]) {
+                    rc = -3;
+                    break;
+                }
+                to_block_order(c->q, c->q_stride, c->T, c->Kp, owned[nt]);
+                J[nt].q = owned[nt];
+            }
+            J[nt].q_stride = c->Kp;
+        }
+#endif
+        tasks[nt] = (mote_task){rows_fn(isa), J + nt, c->N, ROW_GRAIN};
+        nt++;
+    }
+    if (rc == 0) mote_parallel_tasks(tasks, nt);
+    for (int k = 0; k < nt; k++) free(owned[k]);
+    return rc;
+}
+
 int mote_tern_gemm(const uint8_t *w, int64_t block_bytes, int64_t row_bytes, int64_t N, int64_t Kp, const int8_t *q,
                    int64_t q_stride, const int32_t *sumq, const float *step, const float *scale, int64_t T, float *y,
                    int64_t y_stride, int isa) {
-    isa = mote_isa_pick(isa);
-    if (isa < 0) return -1;
-    if (N < 0 || T < 0 || Kp <= 0 || Kp % 256 || block_bytes < 64 || row_bytes < Kp / 256 * block_bytes ||
-        q_stride < Kp || y_stride < N)
-        return -2;
-    if (N == 0 || T == 0) return 0;
-    job_t J = {w, block_bytes, row_bytes, Kp / 256, q, q_stride, sumq, step, scale, T, y, y_stride};
-    mote_range_fn fn = rows_scalar;
-    int8_t *perm = NULL;
-    switch (isa) {
-#if defined(__x86_64__)
-    case MOTE_AVX2:
-        fn = rows_avx2;
-        break;
-    case MOTE_AVX512:
-        perm = malloc((size_t)(T * Kp));
-        if (!perm) return -3;
-        to_block_order(q, q_stride, T, Kp, perm);
-        J.q = perm;
-        J.q_stride = Kp;
-        fn = rows_avx512;
-        break;
-#endif
-#if defined(__aarch64__)
-    case MOTE_NEON:
-        fn = rows_neon;
-        break;
-#endif
-    default:
-        break;
-    }
-    mote_parallel_for(fn, &J, N, ROW_GRAIN);
-    free(perm);
-    return 0;
+    const mote_tern_call c = {w, block_bytes, row_bytes, N, Kp, q, q_stride, sumq, step, scale, T, y, y_stride};
+    return mote_tern_gemm_batch(&c, 1, isa);
 }
