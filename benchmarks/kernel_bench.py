@@ -1,6 +1,6 @@
 """Single-kernel figures for the mote engine's C kernels, against numpy on the same shapes, in one run.
 
-    python -m mote_edge.benchmarks.kernel_bench --family float [--shapes 0.5b] [--threads 1,2] [--tokens 1,64,512]
+    python -m mote_edge.benchmarks.kernel_bench --family float|ternary [--shapes 0.5b] [--threads 1,2] [--tokens 1,64,512]
 
 Decode (T = 1) is reported as GB/s of the weight bytes each side reads (ours: the file's bytes; numpy: its
 float32 matrix), with the matrix "hot" (the same one every call: cache-resident when it fits) and in "DRAM"
@@ -31,6 +31,9 @@ SHAPES = {
     "0.5b": [("head", 151936, 896), ("shared gate/up", 4864, 896), ("shared down", 896, 4864)],
     "1.5b": [("head", 151936, 1536), ("shared gate/up", 8960, 1536), ("shared down", 1536, 8960)],
 }
+# (name, N rows, K) of a routed expert's matrices (the ternary family): gate / up, down
+EXPERT_SHAPES = {"0.5b": [("expert gate/up", 4864, 896), ("expert down", 896, 4864)],
+                 "1.5b": [("expert gate/up", 8960, 1536), ("expert down", 1536, 8960)]}
 PREFILL_MAX_F32_BYTES = 64 * MIB  # T > 1 only on matrices up to this (the head's prefill needs only the last token)
 
 
@@ -214,11 +217,91 @@ def bench_float(args, notes: list[str]) -> Iterable[dict]:
     blas_threads(1)
 
 
-def _shapes(spec: str) -> list[tuple[str, int, int]]:
+# ---- the ternary family ---------------------------------------------------------------------------------
+
+@family("ternary")
+def bench_ternary(args, notes: list[str]) -> Iterable[dict]:
+    """Both ternary families on routed-expert shapes (TQ2_0 bytes for multiply-add, the LUT layout for lookup
+    tables), hot and in DRAM; then one MoE layer's top-k experts at decode, by stage in one pool job each
+    (clinear.TernaryExperts, the engine's path) against one product after another (the path before it)."""
+    from tqdm import tqdm
+
+    from ..runtime_cpu import clib, ternary_kernels as tk
+    from ..runtime_cpu.clinear import LutMatrix, TernaryExperts, products
+    from ..runtime_cpu.kernels import silu
+
+    if not clib.available():
+        raise MoteExportError(clib.error())
+    shapes = _shapes(args.shapes, EXPERT_SHAPES)
+    dram = int(args.dram_mb * MIB) if args.dram_mb else max(2 * (cache_bytes(3) or 0), 512 * MIB)
+    notes.append(f"ternary: multiply-add reads 2-bit codes (TQ2_0 code layout, 64 bytes per 256 weights); lookup-table its "
+                 f"own layout (1.78); DRAM = calls rotating over copies totalling >= {dram / MIB:.0f} MiB")
+    rng = np.random.default_rng(0)
+    eps = 1e-5
+
+    def matrix(N, K, lut):
+        m = tk.TernaryMatrix.from_codes(rng.integers(-1, 2, (N, K)).astype(np.int8), np.float32(0.02))
+        return LutMatrix(m) if lut else m
+
+    plan = [(s, fam, th, n_tok, where) for s in shapes for fam in ("mad", "lut") for th in args.threads
+            for n_tok in args.tokens for where in (("hot", "DRAM") if n_tok == 1 else ("hot",))]
+    for (label, N, K), fam, th, n_tok, where in tqdm(plan, desc="ternary kernels", unit="case", file=sys.stderr):
+        clib.set_threads(th)
+        base = matrix(N, K, fam == "lut")
+        nbytes = base.nbytes
+        copies = 1 if where == "hot" else max(2, -(-dram // nbytes))
+        mats = [base] + [matrix(N, K, fam == "lut") for _ in range(copies - 1)]
+        q = tk.quantize(rng.standard_normal((n_tok, K)).astype(np.float32), eps, base.kp)
+        i = [0]
+
+        def run():
+            i[0] = (i[0] + 1) % len(mats)
+            products([(mats[i[0]], *q)])
+
+        (t, c), = best_times([run], args.rounds, args.batch_s)
+        yield {"shape": f"{label} {N}x{K}", "kernel": fam, "threads": th, "T": n_tok, "where": where,
+               "MB": nbytes / 1e6, "ms": t * 1e3, "GB/s": nbytes / t / 1e9, "GB/s cpu": nbytes * th / c / 1e9,
+               "GOP/s": 2.0 * N * K * n_tok / t / 1e9}
+        del mats
+    # a MoE layer at decode: E experts, top-k chosen, every layer's experts distinct (as in a model: DRAM)
+    E, k = 4, 2
+    for (label, F, H), fam, th in ((s, fam, th) for s in shapes[:1] for fam in ("mad", "lut") for th in args.threads):
+        clib.set_threads(th)
+        per_layer = 3 * E * F * H / 4
+        layers = max(2, int(-(-dram // per_layer)))
+        moe = [TernaryExperts(*([matrix(F, H, fam == "lut") for _ in range(E)] for _ in range(2)),
+                              [matrix(H, F, fam == "lut") for _ in range(E)], eps) for _ in range(layers)]
+        x = rng.standard_normal((1, H)).astype(np.float32)
+        probs = np.full((1, E), 1.0 / E, np.float32)
+        chosen = list(range(k))
+        j = [0, 0]
+
+        def by_stage():
+            j[0] = (j[0] + 1) % layers
+            moe[j[0]].decode(x, probs, chosen)
+
+        def one_by_one():
+            j[1] = (j[1] + 1) % layers
+            ex, out = moe[j[1]], np.zeros_like(x)
+            for e in chosen:
+                a = tk.quantize(x, eps, ex.gate[e].kp)
+                g, u = products([(ex.gate[e], *a)])[0], products([(ex.up[e], *a)])[0]
+                out += products([(ex.down[e], *tk.quantize(silu(g) * u, eps, ex.down[e].kp))])[0] * probs[0, e]
+
+        (t_s, _), (t_o, _) = best_times([by_stage, one_by_one], args.rounds, args.batch_s)
+        nbytes = sum(m.nbytes for e in chosen for m in (moe[0].gate[e], moe[0].up[e], moe[0].down[e]))
+        yield {"shape": f"MoE layer top-{k} of {E}, F {F} x H {H}", "kernel": fam, "threads": th, "T": 1, "where": "DRAM",
+               "MB": nbytes / 1e6, "ms": t_s * 1e3, "GB/s": nbytes / t_s / 1e9,
+               "one-by-one ms": t_o * 1e3, "one-by-one / by-stage": t_o / t_s}
+        del moe
+    clib.set_threads(1)
+
+
+def _shapes(spec: str, named: dict = SHAPES) -> list[tuple[str, int, int]]:
     out = []
     for part in spec.split(","):
-        if part in SHAPES:
-            out += SHAPES[part]
+        if part in named:
+            out += named[part]
         elif "x" in part and all(p.isdigit() for p in part.split("x", 1)):
             n, k = map(int, part.split("x", 1))
             out.append(("", n, k))
