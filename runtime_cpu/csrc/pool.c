@@ -4,6 +4,7 @@
  * product at the 0.5B shape takes ~20-100 us). */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdatomic.h>
 #include <unistd.h>
@@ -112,7 +113,14 @@ void mote_parallel_for(mote_range_fn fn, void *ctx, int64_t n, int64_t grain) {
     pthread_cond_broadcast(&P.wake);
     pthread_mutex_unlock(&P.mu);
     run_chunks();
-    while (atomic_load_explicit(&P.busy, memory_order_acquire) > 0) cpu_relax();
+    /* the last chunks may sit on a worker the OS has descheduled (other processes on the cores): after a
+     * spell of spinning, yield the core so that worker can finish rather than burn its time slice */
+    for (int spins = 0; atomic_load_explicit(&P.busy, memory_order_acquire) > 0; spins++) {
+        if (spins < SPIN_ROUNDS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
 }
 
 /* mote_parallel_tasks: the tasks' chunks numbered one after another; chunk c belongs to the task i with
