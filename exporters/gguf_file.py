@@ -74,10 +74,22 @@ def gguf_writer(out: Path, arch: str) -> Iterator[GGUFWriter]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is not
         os.replace(tmp, out)
-    except BaseException:
-        wr.close()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a full disk, flushing what is buffered fails again
+            wr.close()
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(out, exc) from None
         raise
+
+
+def write_failed(out: Path, exc: Exception) -> MoteExportError:
+    """The one error line for a write that the file system stopped half-way (a full disk, a file-size limit,
+    a vanished folder): an OSError, or a library's own error wrapping one (safetensors'). The writer has
+    removed what it had written. It names the folder: `out` may be a staged temporary's name."""
+    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return MoteExportError(f"writing in {str(out.parent)!r} failed ({why}); nothing was written: free space there "
+                           "(or raise the file-size limit) and run the command again")
 
 
 def write_tensors(wr: GGUFWriter, infos: Iterable[tuple[str, tuple[int, ...], GGMLQuantizationType, int]],

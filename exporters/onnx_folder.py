@@ -7,13 +7,19 @@ that stock onnxruntime runs. No torch: graphs are built from the safetensors wit
                              -> logits, present.*                       (exporters/onnx_llm.py)
     DIR/model.onnx.data      every weight of the three models, once     (exporters/onnx_graph.py)
     DIR/config.json          model_type "qwen2" (the text config) + "mote_onnx": what mote-run needs
-    DIR/generation_config.json, DIR/genai_config.json (onnxruntime-genai, text decoder "qwen2")
+    DIR/generation_config.json
+    DIR/genai_config.json, genai_processor_config.json, decoder_genai.onnx
+                             onnxruntime-genai runs the folder as a VLM   (exporters/onnx_genai.py)
     DIR/tokenizer.json ...   tokenizer, chat template and processor files of the checkpoint
 
 --onnx-kernels picks the body of the routed-expert ops (exporters/onnx_graph.py): exact (default;
 ai.mote::TernaryMatMul, int8 codes, per-token int8 activations as MoTE trains, standard ops only) or fast
 (ai.mote::TernaryMatMulNBits, 2-bit codes, com.microsoft MatMulNBits: 4x smaller experts, int8 activations
-per 128-block). Everything else is fp32 in both.
+per 128-block). --shared-type / --other-type / --expert-type (f32 default | f16 | q8_0 | q4_0) set the
+other weights' types, group by group (exporters/onnx_llm.py): q8_0 / q4_0 are GGUF's Q8_0 / Q4_0 numbers as
+com.microsoft MatMulNBits (and GatherBlockQuantized for the embedding), f16 is widened to fp32 on load.
+QMoE (com.microsoft) is not used: measured, it is neither exact nor faster than the per-expert nodes
+(README). Routers, norms, biases and the vision tower stay fp32.
 
 The folder is written to a temporary sibling and renamed when complete: on any error nothing is left.
 """
@@ -27,12 +33,15 @@ from pathlib import Path
 
 from .ckpt import Weights, read_config
 from .errors import MoteExportError
-from .gguf_file import remove_stale_temporaries, temporary_prefix
+from .gguf_file import remove_stale_temporaries, temporary_prefix, write_failed
 from .gguf_llm import _check_layers, llm_config
 from .gguf_mmproj import image_normalization
-from .onnx_graph import DATA_FILE, WeightFile, functions_used, save_model
+from .onnx_genai import write_genai_files
+from .onnx_graph import DATA_FILE, WeightFile, functions_used, loaded_bytes, save_model
+from .onnx_llm import WeightTypes
 
 KERNELS = ("exact", "fast")
+WEIGHT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # --shared-type / --other-type / --expert-type for --format onnx
 FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -59,7 +68,8 @@ def _eos(ckpt: Path, cfg: dict):
     return cfg["text_config"].get("eos_token_id")
 
 
-def _configs(cfg: dict, c, spec, kernels: str, image_token: int, eos, ckpt: Path) -> tuple[dict, dict, dict]:
+def _configs(cfg: dict, c, spec, kernels: str, image_token: int, eos, ckpt: Path, groups: dict,
+             loaded: dict) -> tuple[dict, dict]:
     t = dict(cfg["text_config"])
     text = t | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": c.tied,
                 "rope_theta": c.rope_theta, "use_cache": True}
@@ -67,38 +77,13 @@ def _configs(cfg: dict, c, spec, kernels: str, image_token: int, eos, ckpt: Path
         "format_version": 1, "kernels": kernels, "variant": c.variant, "files": dict(FILES, data=DATA_FILE),
         "image_token_index": image_token, "image_seq_length": spec.n_patches, "image_size": spec.image,
         "num_channels": spec.channels, "vision_feature_layer": spec.layers, "source": ckpt.resolve().name,
+        "weight_groups": groups, "loaded_bytes": loaded,
     }
     if cfg.get("mote"):
         text["mote"] = cfg["mote"]
-    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     pad = t.get("pad_token_id")
     gen = {"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
-    first_eos = eos_ids[0] if eos_ids else 0
-    head = c.hidden // c.heads
-    genai = {
-        "model": {
-            "bos_token_id": t.get("bos_token_id") if t.get("bos_token_id") is not None else first_eos,
-            "context_length": c.ctx,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": FILES["decoder"], "head_size": head, "hidden_size": c.hidden,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": c.heads, "num_hidden_layers": c.layers, "num_key_value_heads": c.kv_heads,
-            },
-            "eos_token_id": eos_ids if len(eos_ids) > 1 else first_eos,
-            "pad_token_id": pad if pad is not None else first_eos,
-            "type": "qwen2", "vocab_size": c.vocab,
-        },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": min(c.ctx, 2048), "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
-    }
-    return text, gen, genai
+    return text, gen
 
 
 def check_onnx_output(out: Path) -> None:
@@ -109,8 +94,16 @@ def check_onnx_output(out: Path) -> None:
         raise MoteExportError(f"output folder {str(out.parent)!r} does not exist")
 
 
-def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = "exact",
-                      progress: bool = True) -> dict:
+def weight_type(flag: str, value) -> str:
+    """A --shared-type / --other-type / --expert-type value for --format onnx, checked."""
+    t = str(value).strip().lower()
+    if t not in WEIGHT_TYPES:
+        raise MoteExportError(f"{flag} {value!r} for --format onnx; accepted: {', '.join(WEIGHT_TYPES)}")
+    return t
+
+
+def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = "exact", shared_type: str = "f32",
+                      other_type: str = "f32", expert_type: str = "f32", progress: bool = True) -> dict:
     """Write the ONNX export folder (see the module docstring); returns a summary (format_summary)."""
     from .onnx_llm import build_decoder, build_embedding
     from .onnx_vision import VisionSpec, build_vision
@@ -119,8 +112,14 @@ def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = 
     kernels = str(kernels).strip().lower()
     if kernels not in KERNELS:
         raise MoteExportError(f"--onnx-kernels {kernels!r}; accepted: {', '.join(KERNELS)}")
+    types = WeightTypes(shared=weight_type("--shared-type", shared_type), other=weight_type("--other-type", other_type),
+                        expert=weight_type("--expert-type", expert_type))
     cfg = read_config(ckpt)
     c = llm_config(cfg, str(ckpt))
+    if c.variant != "moe-llava" and types.expert != "f32":  # as the GGUF export
+        raise MoteExportError("--expert-type is for MoE-LLaVA checkpoints (full-precision experts); this "
+                              f"{c.variant} checkpoint has none" + (": its routed experts are ternary (--onnx-kernels "
+                                                                    "picks their form)" if c.variant == "mote" else ""))
     spec = VisionSpec(cfg, str(ckpt))
     image_token = _image_token_id(cfg, c.vocab, str(ckpt))
     if not (ckpt / "tokenizer.json").is_file():
@@ -132,13 +131,13 @@ def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = 
     remove_stale_temporaries(out)  # a killed export's hidden folder
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent))
     try:
-        sizes = {}
+        sizes, loaded = {}, {}
         with Weights(ckpt) as w, WeightFile(tmp / DATA_FILE) as wf:
             w.check_shape(w.lm_name("embed_tokens.weight"), (c.vocab, c.hidden))
             _check_layers(w, c)
             steps = (("vision", lambda: build_vision(w, cfg, wf, spec)),
-                     ("embedding", lambda: build_embedding(w, c, wf, image_token)),
-                     ("decoder", lambda: build_decoder(w, c, wf, kernels)))
+                     ("embedding", lambda: build_embedding(w, c, wf, image_token, types)),
+                     ("decoder", lambda: build_decoder(w, c, wf, kernels, types)))
             info = None
             for key, build in steps:
                 if progress:
@@ -149,24 +148,32 @@ def write_onnx_folder(ckpt_dir: str | Path, out_dir: str | Path, kernels: str = 
                 if missing:  # every custom node must ship its definition (the model would not load)
                     raise RuntimeError(f"{FILES[key]}: no function for {sorted(missing)}")
                 sizes[FILES[key]] = save_model(model, tmp / FILES[key])
+                loaded[FILES[key]] = loaded_bytes(model)
             sizes[DATA_FILE] = wf.nbytes
             n_tensors = wf.tensors
-        text, gen, genai = _configs(cfg, c, spec, kernels, image_token, eos, ckpt)
-        for name, obj in (("config.json", text), ("generation_config.json", gen), ("genai_config.json", genai)):
+        groups = {k: vars(v) for k, v in types.groups.items()}
+        text, gen = _configs(cfg, c, spec, kernels, image_token, eos, ckpt, groups, loaded)
+        for name, obj in (("config.json", text), ("generation_config.json", gen)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         copied = []
         for name in TOKENIZER_FILES:
             if (ckpt / name).is_file():
                 shutil.copy2(ckpt / name, tmp / name)
                 copied.append(name)
+        genai = write_genai_files(tmp)  # reads the configs, processor files and decoder.onnx written above
+        sizes |= genai["files"]
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes the folder private; an export is not
         tmp.rename(out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a file-size limit: one error line (the folder is gone)
+            raise write_failed(out, exc) from None
         raise
     return {"path": str(out), "kernels": kernels, "variant": c.variant, "experts": c.experts, "top_k": c.top_k,
             "moe_layers": c.moe_layers, "files": sizes, "tensors": n_tensors, "ternary_nodes": info.ternary_nodes,
-            "routed_bytes": info.routed_bytes, "copied": copied, "seconds": time.perf_counter() - t0}
+            "routed_bytes": info.routed_bytes, "groups": groups, "loaded_bytes": loaded, "copied": copied,
+            "genai": genai["mode"],
+            "seconds": time.perf_counter() - t0}
 
 
 def _umask() -> int:
@@ -175,6 +182,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+GROUP_NAMES = {"shared": "shared expert / dense FFN", "expert": "MoE-LLaVA experts", "attention": "attention q/k/v/o",
+               "embedding": "token embedding", "head": "output head", "router": "routers"}  # summary order
+TYPE_FORMS = {"f32": "fp32 MatMul", "f16": "fp16, widened to fp32 when loaded",
+              "q8_0": "GGUF Q8_0 numbers: MatMulNBits 8-bit, block 32",
+              "q4_0": "GGUF Q4_0 numbers: MatMulNBits 4-bit, block 32"}
 
 
 def format_summary(s: dict) -> str:
@@ -189,6 +203,21 @@ def format_summary(s: dict) -> str:
         form = ("ai.mote::TernaryMatMulNBits nodes (2-bit codes, fp32 block scales: MatMulNBits)"
                 if s["kernels"] == "fast" else "ai.mote::TernaryMatMul nodes (int8 codes + fp32 scale: MatMulInteger)")
         lines.append(f"  routed experts: {s['ternary_nodes']} {form}, {s['routed_bytes'] / mib:.2f} MiB")
+    groups = s.get("groups", {})
+    for group in sorted(groups, key=list(GROUP_NAMES).index):
+        g = groups[group]
+        form = TYPE_FORMS[g["type"]]
+        if group == "embedding":  # a lookup, not a product (and the tied head, when there is no own head)
+            form = {"f16": "fp16 rows, cast to fp32"}.get(g["type"], form)
+            form = form.replace("MatMulNBits", "GatherBlockQuantized").replace("MatMul", "Gather")
+            form += "" if "head" in groups else ("; the tied output head reads it too" + (
+                ", widened to fp32 when loaded" if g["type"] == "f16" else ""))
+        if g["f16_fallback"]:
+            form += f"; {g['f16_fallback']} in f16 (width not a multiple of 32)"
+        n = g["tensors"]
+        lines.append(f"  {GROUP_NAMES[group]}: {g['type']} ({form}), {n} tensor{'s' * (n != 1)}, "
+                     f"{g['bytes'] / mib:.2f} MiB")
     lines.append(f"  copied: {', '.join(s['copied'])}")
+    lines.append(f"  onnxruntime-genai: {s['genai']}")
     lines.append(f"  total {sum(s['files'].values()) / mib:.2f} MiB in {s['seconds']:.1f} s")
     return "\n".join(lines)

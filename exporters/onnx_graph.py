@@ -23,6 +23,9 @@ every model of an export folder shares, and the ai.mote custom ops with their fu
   accuracy_level 4), onnxruntime's fast 2-bit kernel, which quantizes activations to int8 per block of
   128 along K (not per token as MoTE trains): close to the exact body, not equal. Only onnxruntime runs
   that body (onnx.reference has no com.microsoft ops).
+* `quantize_nbits` / `gguf_to_nbits`: a float weight in GGUF's Q8_0 / Q4_0 numbers (gguf-py's quantizer)
+  as com.microsoft::MatMulNBits' B and scales (bits 8 / 4, block 32, default zero points 128 / 8), for
+  --shared-type / --other-type / --expert-type q8_0 | q4_0; `dequantize_nbits` is MatMulNBits' definition.
 """
 from __future__ import annotations
 
@@ -74,10 +77,12 @@ class WeightFile:
         return key in self._index
 
     def tensor(self, name: str, array: np.ndarray | None, key: str | None = None,
-               make=None) -> TensorProto:
+               make=None, shape: tuple[int, ...] | None = None) -> TensorProto:
         """A TensorProto `name` whose data lies in this file. `key` identifies the data: a second call
         with the same key references the bytes already written (array and make are then not used).
-        Either `array` or `make()` gives the data."""
+        Either `array` or `make()` gives the data. `shape` views the same bytes with other dims (same
+        element count): one quantized embedding serves GatherBlockQuantized [V, H * bits / 8] and the
+        tied head's MatMulNBits [V, H / 32, 32 * bits / 8]."""
         key = key or name
         if key not in self._index:
             a = np.ascontiguousarray(array if array is not None else make())
@@ -92,8 +97,10 @@ class WeightFile:
             self._index[key] = (self._offset, a.nbytes, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
             self._offset += a.nbytes
             self.tensors += 1
-        offset, length, dtype, shape = self._index[key]
-        t = TensorProto(name=name, data_type=dtype, dims=list(shape))
+        offset, length, dtype, stored = self._index[key]
+        if shape is not None and int(np.prod(shape)) != int(np.prod(stored)):
+            raise ValueError(f"{name}: shape {shape} does not view the {stored} tensor {key!r}")
+        t = TensorProto(name=name, data_type=dtype, dims=list(stored if shape is None else shape))
         for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=k, value=v)
         t.data_location = TensorProto.EXTERNAL
@@ -143,11 +150,13 @@ class Graph:
     def ints(self, *values: int) -> str:
         return self.const(list(values), np.int64)
 
-    def weight(self, name: str, array: np.ndarray | None = None, key: str | None = None, make=None) -> str:
+    def weight(self, name: str, array: np.ndarray | None = None, key: str | None = None, make=None,
+               shape: tuple[int, ...] | None = None) -> str:
         """A named initializer: in the external-data file when it has INLINE_MAX bytes or more (and the
-        graph has a file), else inline. `key` names data already written (or to be shared)."""
+        graph has a file), else inline. `key` names data already written (or to be shared); `shape`
+        views shared data with other dims (WeightFile.tensor)."""
         if self.weights is not None and key is not None and self.weights.has(key):
-            self.inits.append(self.weights.tensor(name, None, key=key))
+            self.inits.append(self.weights.tensor(name, None, key=key, shape=shape))
             return name
         a = np.asarray(array if array is not None else make())
         if self.weights is not None and a.nbytes >= INLINE_MAX:
@@ -174,7 +183,7 @@ class Graph:
         opsets = [helper.make_opsetid("", OPSET)]
         if any(f.domain == MOTE_DOMAIN for f in functions):
             opsets.append(helper.make_opsetid(MOTE_DOMAIN, MOTE_OPSET))
-        if any(nd.domain == MS_DOMAIN for f in functions for nd in f.node):
+        if any(nd.domain == MS_DOMAIN for f in functions for nd in f.node) or _uses_domain(self.nodes, MS_DOMAIN):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         m = helper.make_model(self.graph(), opset_imports=opsets, functions=list(functions),
                               producer_name="mote-export", doc_string=doc)
@@ -190,6 +199,19 @@ class Graph:
     def shape_dim(self, x: str, i: int) -> str:
         """Dimension i of x as an int64 scalar."""
         return self.op("Squeeze", self.op("Shape", x, start=i, end=i + 1, hint="dim"), self.ints(0), hint="dim")
+
+
+def _uses_domain(nodes, domain: str) -> bool:
+    """A node of `domain` among `nodes` or in their subgraphs (If branches)."""
+    for nd in nodes:
+        if nd.domain == domain:
+            return True
+        for a in nd.attribute:
+            if a.type == onnx.AttributeProto.GRAPH and _uses_domain(a.g.node, domain):
+                return True
+            if any(_uses_domain(sg.node, domain) for sg in a.graphs):
+                return True
+    return False
 
 
 def ternary_matmul_exact() -> onnx.FunctionProto:
@@ -255,6 +277,53 @@ def unpack_nbits2(packed: np.ndarray, k: int) -> np.ndarray:
     return (q.reshape(packed.shape[0], -1)[:, :k].astype(np.int16) - 2).astype(np.int8)
 
 
+# ---- full-precision weights in GGUF's Q8_0 / Q4_0 numbers (--shared-type / --other-type / --expert-type) -------
+
+GGUF_BLOCK = 32  # Q8_0 and Q4_0: 32 weights, one f16 scale d
+NBITS_TYPES = {"q8_0": 8, "q4_0": 4}  # MatMulNBits bits; default zero point 2^(bits-1): 128 and 8
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+
+
+def gguf_to_nbits(raw: np.ndarray, qtype: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q8_0 / Q4_0 rows (uint8 [N, K / 32 * block bytes], as exporters/quantize.py writes them) ->
+    MatMulNBits (B uint8 [N, K / 32, 32 * bits / 8], scales float32 [N, K / 32]): the same numbers.
+      Q8_0  d * q, q int8           -> byte q + 128, zero point 128: (q + 128 - 128) * d
+      Q4_0  d * (q - 8), q 0..15    -> the same nibble, zero point 8; GGUF packs element j with j + 16 in a
+                                       byte, MatMulNBits elements 2j and 2j + 1 (first in the low bits)
+    d (f16) widens to float32 exactly."""
+    n, blocks = raw.shape[0], k // GGUF_BLOCK
+    blk = np.ascontiguousarray(raw).reshape(n, blocks, _BLOCK_BYTES[qtype])
+    scales = np.ascontiguousarray(blk[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    qs = blk[..., 2:]
+    if qtype == "q8_0":
+        return (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8), scales
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)  # [N, blocks, 32], element order
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << np.uint8(4))), scales
+
+
+def quantize_nbits(w_nk: np.ndarray, qtype: str, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """A float weight [N, K] (K a multiple of 32) -> MatMulNBits (B, scales) holding GGUF's Q8_0 / Q4_0 numbers,
+    quantized by gguf-py's quantizer (exporters/quantize.py), so a GGUF export of the same checkpoint
+    dequantizes to the same float32 weights, bit for bit."""
+    from gguf import GGMLQuantizationType
+
+    from .quantize import quantize_tensor
+
+    raw = quantize_tensor(np.asarray(w_nk, np.float32), GGMLQuantizationType[qtype.upper()], name)
+    return gguf_to_nbits(raw, qtype, w_nk.shape[1])
+
+
+def dequantize_nbits(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """MatMulNBits' weights as it defines them, (q - 2^(bits-1)) * scale, float32 [N, K] (tests, checks)."""
+    n = b.shape[0]
+    if bits == 8:
+        q = b.reshape(n, -1, GGUF_BLOCK).astype(np.int16)
+    else:
+        q = np.stack([b & np.uint8(15), b >> np.uint8(4)], axis=-1).reshape(n, -1, GGUF_BLOCK).astype(np.int16)
+    zero = np.float32(1 << (bits - 1))
+    return ((q.astype(np.float32) - zero) * scales.reshape(n, -1, 1).astype(np.float32)).reshape(n, -1)[:, :k]
+
+
 RUNTIME_DOMAINS = ("", "ai.onnx", MS_DOMAIN)  # op sets runtimes implement (com.microsoft: onnxruntime's)
 
 
@@ -278,6 +347,31 @@ def functions_used(model: onnx.ModelProto) -> set[tuple[str, str]]:
             if nd.domain not in RUNTIME_DOMAINS:
                 found.add((nd.domain, nd.op_type))
     return found
+
+
+def loaded_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers as onnxruntime holds them once loaded: an fp16 weight that feeds a
+    Cast to float is folded into an fp32 copy (twice its bytes), and kept as well if another node reads it
+    (the fp16 embedding rows); everything else as stored. The engine's memory plan counts this."""
+    consumers: dict[str, list] = {}
+
+    def walk(g):
+        for nd in g.node:
+            for name in nd.input:
+                consumers.setdefault(name, []).append(nd)
+            for a in nd.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+    walk(model.graph)
+    total = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        uses = consumers.get(t.name, [])
+        widened = [nd for nd in uses if nd.op_type == "Cast" and t.data_type == TensorProto.FLOAT16]
+        total += 2 * size * bool(widened) + size * (len(widened) < len(uses) or not uses)
+    return total
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> int:

@@ -24,26 +24,80 @@ FFN per layer, by checkpoint:
                index_add_, and top-k FLOPs (an expert no token picked runs on 0 rows). Every routed
                linear is ai.mote::TernaryMatMul (exact: int8 codes [K, N] + fp32 scale) or
                ai.mote::TernaryMatMulNBits (fast: 2-bit codes, MatMulNBits), see onnx_graph.py.
-  MoE-LLaVA    the same routing, fp32 experts as MatMul, no shared expert.
+  MoE-LLaVA    the same routing, fp experts in the --expert-type (below), no shared expert.
   dense layer  (a dense checkpoint, or a layer --layers sparse left dense) the SwiGLU FFN.
-Float weights are fp32 ([K, N], transposed from the checkpoint's [N, K]); the head of a tied model is a
-Gemm(transB) on the token embedding itself, so the embedding is stored once for every use.
+Float weights by group (WeightTypes; mote-export --shared-type / --other-type / --expert-type):
+  shared     MoTE's shared expert, a dense model's (or a dense layer's) FFN       --shared-type
+  attention  q/k/v/o projections (biases stay fp32)                             --other-type
+  head       the output head                                                    --other-type
+  embedding  the token embedding (embedding.onnx and the decoder's input_ids path) --other-type
+  expert     MoE-LLaVA's fp experts (the PTQ baseline)                          --expert-type
+  router     always fp32 (as in the GGUF export)
+each in one of
+  f32   MatMul on fp32 [K, N] (transposed from the checkpoint's [N, K]);
+  f16   fp16 [K, N] stored, Cast to fp32 before the MatMul: onnxruntime folds that Cast into an fp32
+        initializer when the session loads (measured: same speed as f32, the file half the size, fp32 in
+        memory; a fp16 MatMul is no faster on CPU: onnxruntime inserts the same casts around it);
+  q8_0 / q4_0  com.microsoft::MatMulNBits (bits 8 / 4, block 32, accuracy_level 4: int8 activations per
+        32-block) holding exactly GGUF's Q8_0 / Q4_0 numbers (onnx_graph.quantize_nbits); the embedding
+        as com.microsoft::GatherBlockQuantized on the same bytes. A width that 32 does not divide falls
+        back to f16, as the GGUF export does (the summary counts it).
+The head of a tied model is the token embedding itself (Gemm transB; f16: the one folded fp32 copy;
+q8_0 / q4_0: MatMulNBits viewing the embedding's bytes), so the embedding is stored once for every use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from onnx import TensorProto, helper
 
 from .ckpt import Weights
 from .gguf_llm import LLMConfig
-from .onnx_graph import MOTE_DOMAIN, Graph, WeightFile, pack_nbits2, ternary_matmul_exact, ternary_matmul_nbits
+from .onnx_graph import (GGUF_BLOCK, MOTE_DOMAIN, MS_DOMAIN, NBITS_TYPES, Graph, WeightFile, pack_nbits2,
+                         quantize_nbits, ternary_matmul_exact, ternary_matmul_nbits)
+from .quantize import quantize_tensor
 from .ternary import ternary_form
 
-F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 EMBED_KEY = "embed_tokens"
 MASK_VALUE = float(np.finfo(np.float32).min)
+GROUP_OPTION = {"attention": "other", "head": "other", "embedding": "other", "shared": "shared",
+                "expert": "expert", "router": None}  # which --*-type sets each group (router: always f32)
+
+
+@dataclass
+class GroupStats:
+    type: str
+    bytes: int = 0
+    tensors: int = 0
+    f16_fallback: int = 0  # q8_0 / q4_0 tensors whose width 32 does not divide, stored f16 (as the GGUF export)
+
+
+@dataclass
+class WeightTypes:
+    """The type of each weight group (module docstring) and what each group holds, counted once per tensor
+    (the embedding: once, although embedding.onnx and decoder.onnx both use it)."""
+    shared: str = "f32"
+    other: str = "f32"
+    expert: str = "f32"
+    groups: dict = field(default_factory=dict)
+
+    def of(self, group: str) -> str:
+        option = GROUP_OPTION[group]
+        return "f32" if option is None else getattr(self, option)
+
+    def count(self, group: str, nbytes: int, fallback: bool = False) -> None:
+        st = self.groups.setdefault(group, GroupStats(self.of(group)))
+        st.bytes += nbytes
+        st.tensors += 1
+        st.f16_fallback += fallback
+
+    def stored(self, group: str, k: int) -> tuple[str, bool]:
+        """(type a [., K] weight of `group` is stored in, whether that is the f16 fallback)."""
+        t = self.of(group)
+        return ("f16", True) if t in NBITS_TYPES and k % GGUF_BLOCK else (t, False)
 
 
 @dataclass
@@ -53,6 +107,100 @@ class DecoderInfo:
     shared_bytes: int = 0
 
 
+def _f16(a: np.ndarray, name: str) -> np.ndarray:
+    return quantize_tensor(a, GGMLQuantizationType.F16, name)  # refuses values beyond the fp16 range
+
+
+def typed_linear(g: Graph, types: WeightTypes, x: str, base: str, shape: tuple[int, int], load, group: str,
+                 hint: str, rank: int) -> str:
+    """y = x @ W.T for a float weight W [N, K] = load() (float32) in its group's type (module docstring);
+    initializers are named after `base`; `rank` is x's rank (for the value info of MatMulNBits, whose
+    output shape onnx cannot infer)."""
+    n, k = shape
+    t, fallback = types.stored(group, k)
+    if t == "f32":
+        wt = g.weight(base + ".weight", make=lambda: np.ascontiguousarray(load().T))
+        types.count(group, n * k * 4)
+        return g.op("MatMul", x, wt, hint=hint)
+    if t == "f16":
+        w16 = g.weight(base + ".f16", make=lambda: np.ascontiguousarray(_f16(load(), base).T))
+        types.count(group, n * k * 2, fallback)
+        return g.op("MatMul", x, g.op("Cast", w16, to=F32, hint=f"{hint}.w"), hint=hint)
+    b, sc = quantize_nbits(load(), t, base)
+    bw, sw = g.weight(f"{base}.{t}", b), g.weight(f"{base}.{t}.scales", sc)
+    types.count(group, b.nbytes + sc.nbytes)
+    y = g.op("MatMulNBits", x, bw, sw, domain=MS_DOMAIN, K=k, N=n, bits=NBITS_TYPES[t], block_size=GGUF_BLOCK,
+             accuracy_level=4, hint=hint)
+    g.value_info.append(helper.make_tensor_value_info(y, F32, [None] * (rank - 1) + [n]))
+    return y
+
+
+class Embedding:
+    """The token embedding [V, H] in the embedding group's type, written once under EMBED_KEY (and
+    EMBED_KEY.scales) for embedding.onnx, the decoder's input_ids path and a tied head."""
+
+    def __init__(self, w: Weights, c: LLMConfig, types: WeightTypes):
+        self.w, self.c, self.types = w, c, types
+        self.type, self.fallback = types.stored("embedding", c.hidden)
+        self._names: dict[int, tuple[str, str | None]] = {}  # per graph: its initializers of the table
+
+    def _table(self, g: Graph) -> tuple[str, str | None]:
+        """Initializers of the table (and its block scales) in g; counted the first time they are written."""
+        if id(g) in self._names:
+            return self._names[id(g)]
+        V, H = self.c.vocab, self.c.hidden
+        first = g.weights is None or not g.weights.has(EMBED_KEY)
+        load = lambda: self.w.lm("embed_tokens.weight", (V, H))  # noqa: E731
+        scales = None
+        if self.type == "f32":
+            name, nbytes = g.weight("embed_tokens.weight", key=EMBED_KEY, make=load), V * H * 4
+        elif self.type == "f16":
+            name = g.weight("embed_tokens.f16", key=EMBED_KEY, make=lambda: _f16(load(), "embed_tokens.weight"))
+            nbytes = V * H * 2
+        else:
+            bits, q = NBITS_TYPES[self.type], []
+
+            def quantized() -> list:  # one quantization for the codes and the scales
+                if not q:
+                    q.extend(quantize_nbits(load(), self.type, "embed_tokens.weight"))
+                return q
+            name = g.weight(f"embed_tokens.{self.type}", key=EMBED_KEY, shape=(V, H * bits // 8),
+                            make=lambda: quantized()[0].reshape(V, -1))
+            scales = g.weight(f"embed_tokens.{self.type}.scales", key=EMBED_KEY + ".scales",
+                              make=lambda: quantized()[1])
+            nbytes = V * H * bits // 8 + V * (H // GGUF_BLOCK) * 4
+        if first:
+            self.types.count("embedding", nbytes, self.fallback)
+        self._names[id(g)] = name, scales
+        return name, scales
+
+    def lookup_in(self, g: Graph, sub: Graph, ids: str, hint: str) -> str:
+        """Rows of the table for `ids`, as float32: the table's initializers in g, the nodes in sub (g itself,
+        or a subgraph of it: an If branch reads g's initializers)."""
+        table, scales = self._table(g)
+        if self.type == "f32":
+            return sub.op("Gather", table, ids, axis=0, hint=hint)
+        if self.type == "f16":
+            return sub.op("Cast", sub.op("Gather", table, ids, axis=0, hint=f"{hint}.f16"), to=F32, hint=hint)
+        return sub.op("GatherBlockQuantized", table, ids, scales, domain=MS_DOMAIN, bits=NBITS_TYPES[self.type],
+                      block_size=GGUF_BLOCK, quantize_axis=1, gather_axis=0, hint=hint)
+
+    def head(self, g: Graph, x: str) -> str:
+        """logits = x @ table.T (a tied head) on the same bytes; x [rows, H]."""
+        V, H = self.c.vocab, self.c.hidden
+        table, scales = self._table(g)
+        if self.type == "f32":
+            return g.op("Gemm", x, table, transB=1, hint="head")
+        if self.type == "f16":  # folded to one fp32 copy at load (the decoder's lookup reads the fp16 rows)
+            return g.op("Gemm", x, g.op("Cast", table, to=F32, hint="head.w"), transB=1, hint="head")
+        bits = NBITS_TYPES[self.type]
+        blocks = g.weight(f"embed_tokens.{self.type}.blocks", key=EMBED_KEY, shape=(V, H // GGUF_BLOCK, GGUF_BLOCK * bits // 8))
+        y = g.op("MatMulNBits", x, blocks, scales, domain=MS_DOMAIN, K=H, N=V, bits=bits, block_size=GGUF_BLOCK,
+                 accuracy_level=4, hint="head")
+        g.value_info.append(helper.make_tensor_value_info(y, F32, [None, V]))
+        return y
+
+
 def _rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     """transformers' default RoPE: 1 / theta^(arange(0, D, 2) / D), in float32 as torch computes it."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -60,17 +208,22 @@ def _rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 
 
 class _Decoder:
-    def __init__(self, w: Weights, c: LLMConfig, wf: WeightFile, kernels: str):
-        self.w, self.c, self.kernels = w, c, kernels
+    def __init__(self, w: Weights, c: LLMConfig, wf: WeightFile, kernels: str, types: WeightTypes):
+        self.w, self.c, self.kernels, self.types = w, c, kernels, types
+        self.embedding = Embedding(w, c, types)
         self.g = Graph("decoder", wf)
         self.D = c.hidden // c.heads
         self.info = DecoderInfo()
 
     # ---- weights ------------------------------------------------------------------------------------------------
 
-    def lin_w(self, suffix: str) -> str:
-        """A float linear weight of the language model, as [K, N] for MatMul."""
-        return self.g.weight(suffix, make=lambda: np.ascontiguousarray(self.w.lm(suffix).T))
+    def linear(self, x: str, suffix: str, group: str, hint: str, rank: int = 2) -> str:
+        """x @ W.T for the language-model weight `suffix` in its group's type (typed_linear)."""
+        if not self.w.has_lm(suffix):
+            self.w.lm(suffix)  # the one-line error naming the missing tensor
+        shape = tuple(self.w.shape(self.w.lm_name(suffix)))
+        return typed_linear(self.g, self.types, x, suffix.removesuffix(".weight"), shape,
+                            lambda: self.w.lm(suffix), group, hint, rank)
 
     def vec(self, suffix: str) -> str:
         return self.g.weight(suffix, self.w.lm(suffix))
@@ -102,19 +255,18 @@ class _Decoder:
                                       hint=f"{hint}.std"), hint=f"{hint}.inv")
         return g.op("Mul", g.op("Mul", x, inv, hint=f"{hint}.normed"), weight, hint=hint)
 
-    def swiglu(self, x: str, prefix: str, hint: str, ternary: bool) -> str:
+    def swiglu(self, x: str, prefix: str, hint: str, group: str, rank: int = 2) -> str:
+        """SwiGLU FFN; group "routed" = MoTE's ternary experts, else a float group (typed_linear)."""
         g = self.g
-        if ternary:
-            gate = self.ternary(f"{prefix}gate_proj.weight", x, f"{hint}.gate")
-            up = self.ternary(f"{prefix}up_proj.weight", x, f"{hint}.up")
-        else:
-            gate = g.op("MatMul", x, self.lin_w(f"{prefix}gate_proj.weight"), hint=f"{hint}.gate")
-            up = g.op("MatMul", x, self.lin_w(f"{prefix}up_proj.weight"), hint=f"{hint}.up")
+
+        def proj(p: str, inp: str) -> str:
+            if group == "routed":
+                return self.ternary(f"{prefix}{p}_proj.weight", inp, f"{hint}.{p}")
+            return self.linear(inp, f"{prefix}{p}_proj.weight", group, f"{hint}.{p}", rank)
+        gate, up = proj("gate", x), proj("up", x)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate, hint=f"{hint}.sig"), hint=f"{hint}.silu"), up,
                    hint=f"{hint}.act")
-        if ternary:
-            return self.ternary(f"{prefix}down_proj.weight", act, f"{hint}.down")
-        return g.op("MatMul", act, self.lin_w(f"{prefix}down_proj.weight"), hint=f"{hint}.down")
+        return proj("down", act)
 
     def moe(self, x: str, i: int) -> str:
         """Router, top-k, and a sparse dispatch: expert e runs on exactly the tokens that picked it (NonZero ->
@@ -122,12 +274,12 @@ class _Decoder:
         g, c, M = self.g, self.c, f"layers.{i}.mlp."
         g.scope = f"layers.{i}/moe/"
         flat = g.op("Reshape", x, g.ints(-1, c.hidden), hint="tokens")
-        logits = g.op("MatMul", flat, self.lin_w(M + "router.weight"), hint="router")
+        logits = self.linear(flat, M + "router.weight", "router", "router")
         probs = g.op("Softmax", logits, axis=-1, hint="probs")
         top_p, top_i = g.op("TopK", probs, g.ints(c.top_k), axis=-1, largest=1, sorted=1, outputs=2, hint="topk")
         out = g.op("ConstantOfShape", g.op("Shape", flat), value=helper.make_tensor("zero", F32, [1], [0.0]),
                    hint="zeros")
-        ternary = c.variant == "mote"
+        experts = "routed" if c.variant == "mote" else "expert"
         for e in range(c.experts):
             picked = g.op("Equal", top_i, g.const(e, np.int64), hint=f"expert{e}.picked")  # [N, k], one True at most
             p = g.op("ReduceSum", g.op("Where", picked, top_p, g.const(0.0), hint=f"expert{e}.p_k"), g.ints(-1),
@@ -136,11 +288,11 @@ class _Decoder:
                                         g.ints(-1), keepdims=0, hint=f"expert{e}.any"), hint=f"expert{e}.nz")
             rows = g.op("Transpose", rows, perm=[1, 0], hint=f"expert{e}.rows")  # [n_e, 1]
             xe = g.op("GatherND", flat, rows, hint=f"expert{e}.x")
-            y = self.swiglu(xe, f"{M}experts.{e}.", f"expert{e}", ternary)
+            y = self.swiglu(xe, f"{M}experts.{e}.", f"expert{e}", experts)
             y = g.op("Mul", y, g.op("GatherND", p, rows, hint=f"expert{e}.pe"), hint=f"expert{e}.weighted")
             out = g.op("ScatterND", out, rows, y, reduction="add", hint=f"expert{e}.added")
         if c.variant == "mote":
-            shared = self.swiglu(flat, M + "shared_expert.", "shared", ternary=False)
+            shared = self.swiglu(flat, M + "shared_expert.", "shared", "shared")
             out = g.op("Add", out, shared, hint="ffn_out")
         out = g.op("Reshape", out, g.op("Shape", x, hint="x.shape"), hint="ffn_out.bsh")
         g.scope = ""
@@ -154,7 +306,8 @@ class _Decoder:
 
         def proj(p: str, heads: int) -> str:
             bias = self.vec(f"{L}{p}_proj.bias") if self.w.has_lm(f"{L}{p}_proj.bias") else None
-            y = g.linear(x, self.lin_w(f"{L}{p}_proj.weight"), bias, hint=p)
+            y = self.linear(x, f"{L}{p}_proj.weight", "attention", p, rank=3)
+            y = g.op("Add", y, bias, hint=f"{p}.bias") if bias else y
             y = g.op("Reshape", y, g.ints(0, 0, heads, D), hint=f"{p}.heads")
             return g.op("Transpose", y, perm=[0, 2, 1, 3], hint=f"{p}.bhsd")
 
@@ -180,14 +333,13 @@ class _Decoder:
         ctx = g.op("Reshape", ctx, g.ints(0, c.heads, -1, D), hint="ctx.heads")
         ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3], hint="ctx.bshd"), g.ints(0, 0, c.hidden),
                    hint="ctx.flat")
-        out = g.op("MatMul", ctx, self.lin_w(f"{L}o_proj.weight"), hint="o")
+        out = self.linear(ctx, f"{L}o_proj.weight", "attention", "o", rank=3)
         g.scope = ""
         return out, present_k, present_v
 
     def build(self):
         g, c = self.g, self.c
         H, V = c.hidden, c.vocab
-        embed = g.weight("embed_tokens.weight", key=EMBED_KEY, make=lambda: self.w.lm("embed_tokens.weight"))
         input_ids = g.input("input_ids", I64, ["batch", "seq"])  # required (onnxruntime-genai looks it up)
         mask_in = g.input("attention_mask", I64, ["batch", "total"])
         pos = g.input("position_ids", I64, ["batch", "seq"])
@@ -195,8 +347,11 @@ class _Decoder:
         # embeds: text-only callers (optimum, onnxruntime-genai) give input_ids, embedding.onnx users embeds.
         embeds_in = "inputs_embeds"
         g.inits.append(helper.make_tensor(embeds_in, F32, [1, 0, H], []))
-        then_g = helper.make_graph([helper.make_node("Gather", [embed, input_ids], ["from_ids"], axis=0)], "from_ids",
-                                   [], [helper.make_tensor_value_info("from_ids", F32, None)])
+        sub = Graph("from_ids")
+        sub.scope = "from_ids/"
+        rows = self.embedding.lookup_in(g, sub, input_ids, "rows")
+        sub.output(rows, "from_ids", F32, None)
+        then_g = sub.graph()
         else_g = helper.make_graph([helper.make_node("Identity", [embeds_in], ["from_embeds"])], "from_embeds",
                                    [], [helper.make_tensor_value_info("from_embeds", F32, None)])
         empty = g.op("Equal", g.op("Size", embeds_in, hint="embeds.size"), g.const(0, np.int64), hint="embeds.empty")
@@ -230,7 +385,7 @@ class _Decoder:
                 ffn = self.moe(x, i)
             else:
                 g.scope = f"layers.{i}/mlp/"
-                ffn = self.swiglu(x, L + "mlp.", "ffn", ternary=False)
+                ffn = self.swiglu(x, L + "mlp.", "ffn", "shared", rank=3)
                 g.scope = ""
             h = g.op("Add", h, ffn, hint=f"layers.{i}/ffn_residual")
         h = self.rms_norm(h, self.vec("norm.weight"), "final_norm")
@@ -244,11 +399,11 @@ class _Decoder:
         flat = g.op("Reshape", h, g.ints(-1, H), hint="head.in")
         head = self.w.lm_head_name()
         if head is None or c.tied:
-            logits = g.op("Gemm", flat, embed, transB=1, hint="head")
+            logits = self.embedding.head(g, flat)
         else:
             self.w.check_shape(head, (V, H))
-            wt = g.weight("lm_head.weight", make=lambda: np.asarray(self.w.get(head), np.float32))
-            logits = g.op("Gemm", flat, wt, transB=1, hint="head")
+            logits = typed_linear(g, self.types, flat, "lm_head", (V, H), lambda: np.asarray(self.w.get(head), np.float32),
+                                  "head", "head", rank=2)
         out_shape = g.op("Concat", g.op("Shape", h, start=0, end=2, hint="bs"), g.ints(V), axis=0, hint="logits.shape")
         logits = g.op("Reshape", logits, out_shape, hint="logits.bsv")
         g.input(embeds_in, F32, ["batch", "seq", H])
@@ -264,23 +419,22 @@ class _Decoder:
         return g.model(functions, doc)
 
 
-def build_decoder(w: Weights, c: LLMConfig, wf: WeightFile, kernels: str = "exact"):
+def build_decoder(w: Weights, c: LLMConfig, wf: WeightFile, kernels: str = "exact", types: WeightTypes | None = None):
     """(ModelProto of decoder.onnx, DecoderInfo); weights go to `wf` as the graph is built."""
     if kernels not in ("exact", "fast"):
         raise ValueError(kernels)
-    d = _Decoder(w, c, wf, kernels)
+    d = _Decoder(w, c, wf, kernels, types or WeightTypes())
     return d.build(), d.info
 
 
-def build_embedding(w: Weights, c: LLMConfig, wf: WeightFile, image_token_id: int):
+def build_embedding(w: Weights, c: LLMConfig, wf: WeightFile, image_token_id: int, types: WeightTypes | None = None):
     """embedding.onnx: input_ids [batch, seq] + image_features [n, H] -> inputs_embeds [batch, seq, H].
     The i-th image token (in reading order over the whole batch, as LLaVA's masked_scatter) gets row i
     of image_features; image_features may be empty ([0, H]) when the ids hold no image token."""
     g, H = Graph("embedding", wf), c.hidden
-    embed = g.weight("embed_tokens.weight", key=EMBED_KEY, make=lambda: w.lm("embed_tokens.weight"))
     ids = g.input("input_ids", I64, ["batch", "seq"])
     feats = g.input("image_features", F32, ["num_image_tokens", H])
-    tok = g.op("Gather", embed, ids, axis=0, hint="tokens")
+    tok = Embedding(w, c, types or WeightTypes()).lookup_in(g, g, ids, "tokens")
     is_img = g.op("Equal", ids, g.const(image_token_id, np.int64), hint="is_image")
     flat = g.op("Reshape", g.op("Cast", is_img, to=I64, hint="is_image.i"), g.ints(-1), hint="is_image.flat")
     n = g.op("Shape", feats, start=0, end=1, hint="n_features")

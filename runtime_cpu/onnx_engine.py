@@ -15,13 +15,13 @@ interface of the mote-run front (`resolve_inputs`, `plan_memory`, `format_memory
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..exporters.errors import MoteExportError
+from ..exporters.onnx_files import DEFAULT_FILES, count, folder_config, image_processor, read_json
 from .chat_template import render_chat
 from .images import BICUBIC, load_rgb
 from .records import IMAGE_PLACEHOLDER, evaluate_records, read_records
@@ -29,8 +29,6 @@ from .sampling import sample
 
 NAME = "onnxruntime"
 MODELS = ("vision", "embedding", "decoder")
-DEFAULT_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx",
-                 "data": "model.onnx.data"}
 RUNTIME_BYTES = 160 * 2 ** 20  # python + onnxruntime + numpy + tokenizers + PIL, measured ~120 MiB
 
 
@@ -41,49 +39,6 @@ def _ort():
         raise MoteExportError("the onnxruntime engine needs onnxruntime, which this install lacks; "
                               "pip install 'mote-edge[onnx]'") from None
     return onnxruntime
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoteExportError(f"{path} is not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise MoteExportError(f"{path} does not hold a JSON object")
-    return data
-
-
-_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-_OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings")
-_INFO_SIZES = ("image_size", "image_seq_length")
-
-
-def _count(v, least: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-
-def folder_config(folder: Path) -> dict:
-    """config.json of an export folder, with its "mote_onnx" entry and the sizes this engine reads checked
-    (a corrupt value is one error line here, not a KeyError or TypeError later)."""
-    cfg = _read_json(folder / "config.json")
-    info = cfg.get("mote_onnx")
-    if not isinstance(info, dict) or cfg.get("model_type") != "qwen2":
-        raise MoteExportError(f"{folder}/config.json is not an ONNX export's (no 'mote_onnx' entry); "
-                              "expected a folder written by mote-export --format onnx")
-    bad = [k for k in _SIZES if not _count(cfg.get(k))]
-    bad += [k for k in _OPTIONAL_SIZES if cfg.get(k) is not None and not _count(cfg[k])]
-    bad += [f"mote_onnx.{k}" for k in _INFO_SIZES if not _count(info.get(k))]
-    bad += [] if _count(info.get("image_token_index"), 0) else ["mote_onnx.image_token_index"]
-    files = info.get("files") or {}
-    if not isinstance(files, dict) or not all(isinstance(v, str) and v and "/" not in v and v not in (".", "..")
-                                              for v in files.values()):
-        bad.append("mote_onnx.files (file names in the folder)")
-    if not isinstance(cfg.get("mote") or {}, dict):
-        bad.append("mote")
-    if bad:
-        raise MoteExportError(f"{folder}/config.json: {', '.join(bad)} missing or of the wrong type (sizes are "
-                              "positive integers); export the folder again with mote-export --format onnx")
-    return cfg
 
 
 def _run(session, what: str, feed: dict) -> list:
@@ -105,6 +60,10 @@ def resolve_inputs(model_arg: str | Path, mmproj_arg: str | Path | None) -> tupl
     if not folder.is_dir():
         raise MoteExportError(f"ONNX export folder {str(p)!r} does not exist; expected the folder written by "
                               "mote-export --format onnx")
+    if not (folder / "config.json").is_file():
+        hint = (f"; {p.name} is a GGUF model: run it with --engine llama.cpp, mote or cuda" if p.suffix == ".gguf"
+                else "; expected the folder written by mote-export --format onnx")
+        raise MoteExportError(f"{folder} is not an ONNX export folder (no config.json){hint}")
     info = folder_config(folder)["mote_onnx"]
     files = DEFAULT_FILES | (info.get("files") or {})
     for key in (*MODELS, "data"):
@@ -129,6 +88,9 @@ def plan_memory(model: Path, mmproj: Path | None, n_ctx: int | None) -> dict:
       weights  the external-data file + a second copy of the token embedding (embedding.onnx and
                decoder.onnx each load it) + the graphs, x 1.1 for onnxruntime's arenas and packing
                (measured at the Qwen2.5-0.5B shape: RSS after loading = data file + embedding + 64 MiB);
+               an export that records `loaded_bytes` (the initializers of each model as onnxruntime holds
+               them: f16 weights widened to fp32 by their folded Cast, a quantized embedding once per
+               model, exporters/onnx_graph.loaded_bytes) counts those instead of the file + embedding;
       KV       fp32 for n_ctx, twice (each step concatenates past and new into a fresh present);
       compute  a prefill of n_ctx tokens: hidden / FFN widths of every expert, the attention scores,
                one row of logits;
@@ -145,7 +107,8 @@ def plan_memory(model: Path, mmproj: Path | None, n_ctx: int | None) -> dict:
     kv_heads, D = int(cfg.get("num_key_value_heads") or heads), H // heads
     F = int(cfg["intermediate_size"])
     E = int((cfg.get("mote") or {}).get("num_experts", 1) or 1)
-    weights = 1.1 * (data + V * H * 4 + protos)
+    loaded = info.get("loaded_bytes")
+    weights = 1.1 * ((sum(loaded.values()) if isinstance(loaded, dict) else data + V * H * 4) + protos)
     kv = 2 * (2 * L * kv_heads * D * n_ctx * 4)
     compute = 4 * n_ctx * (8 * H + 3 * (E + 1) * F) + 2 * 4 * heads * n_ctx * n_ctx + 4 * V
     total = weights + kv + compute + RUNTIME_BYTES
@@ -172,43 +135,11 @@ def _chat_template(folder: Path) -> str:
             raise MoteExportError(f"{folder}/chat_template.jinja is not readable UTF-8 text ({exc})") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            t = _read_json(folder / name).get("chat_template")
+            t = read_json(folder / name).get("chat_template")
             if isinstance(t, str):
                 return t
     raise MoteExportError(f"{folder} has no chat template (chat_template.jinja, or 'chat_template' in "
                           "tokenizer_config.json); export the folder again from a checkpoint that has one")
-
-
-def _processor(folder: Path) -> dict:
-    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
-        if (folder / name).is_file():
-            data = _read_json(folder / name)
-            proc = data.get(key) if key else data
-            if isinstance(proc, dict):
-                proc = proc | ({"image_token": data["image_token"]} if key and "image_token" in data else {})
-                _check_processor(proc, folder / name)
-                return proc
-    raise MoteExportError(f"{folder} has no image processor settings (processor_config.json or "
-                          "preprocessor_config.json)")
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-def _check_processor(proc: dict, where: Path) -> None:
-    """The settings pixel_values reads have the types the HF processor writes."""
-    bad = [k for k in ("resample",) if k in proc and not (_count(proc[k], 0) and proc[k] <= 5)]
-    bad += [k for k in ("rescale_factor",) if k in proc and not _number(proc[k])]
-    for k in ("image_mean", "image_std"):  # one number or one per channel; a std of 0 divides by zero
-        v = proc.get(k, [1.0])
-        v = v if isinstance(v, list) and len(v) in (1, 3) else [v]
-        if not all(_number(x) and (k == "image_mean" or x != 0) for x in v):
-            bad.append(k)
-    bad += [k for k in ("image_token",) if k in proc and not (isinstance(proc[k], str) and proc[k])]
-    if bad:
-        raise MoteExportError(f"{where}: {', '.join(bad)} of the wrong type or value (resample 0-5, numbers, "
-                              "3 means / non-zero stds, a token string); export the folder again")
 
 
 def pixel_values(path: str | Path, proc: dict, size: int) -> np.ndarray:
@@ -228,7 +159,10 @@ def pixel_values(path: str | Path, proc: dict, size: int) -> np.ndarray:
 class Session:
     """One loaded export folder: three onnxruntime sessions, the tokenizer, the chat template, the processor."""
 
-    def __init__(self, folder: str | Path, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, folder: str | Path, n_ctx: int | None = None, threads: int | None = None,
+                 profile_prefix: str | None = None):
+        """profile_prefix: run the decoder under onnxruntime's profiler, its trace written to
+        PREFIX_<time>.json by `sessions["decoder"].end_profiling()` (mote-bench --ort-profile)."""
         ort = _ort()
         from tokenizers import Tokenizer
 
@@ -242,14 +176,16 @@ class Session:
         self.kv_heads, self.head_dim = int(cfg.get("num_key_value_heads") or heads), self.hidden // heads
         self.image_size, self.n_image = int(info["image_size"]), int(info["image_seq_length"])
         self.image_token_id = int(info["image_token_index"])
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
         self.sessions = {}
         for key in MODELS:
             path = self.folder / files[key]
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if threads:
+                so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            if profile_prefix and key == "decoder":  # the decoder alone: the report times decode steps
+                so.enable_profiling, so.profile_file_prefix = True, str(profile_prefix)
             try:
                 self.sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own exception types; all mean a broken file
@@ -261,15 +197,15 @@ class Session:
         except Exception as exc:
             raise MoteExportError(f"{self.folder}/tokenizer.json is not a readable tokenizer ({exc})") from None
         self.template = _chat_template(self.folder)
-        self.proc = _processor(self.folder)
+        self.proc = image_processor(self.folder)
         self.image_token = self.proc.get("image_token") or self.tokenizer.id_to_token(self.image_token_id)
-        tok_cfg = _read_json(self.folder / "tokenizer_config.json") if (self.folder / "tokenizer_config.json").is_file() else {}
+        tok_cfg = read_json(self.folder / "tokenizer_config.json") if (self.folder / "tokenizer_config.json").is_file() else {}
         self.special = {k: tok_cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
                         if isinstance(tok_cfg.get(k), str)}
-        gen = _read_json(self.folder / "generation_config.json") if (self.folder / "generation_config.json").is_file() else {}
+        gen = read_json(self.folder / "generation_config.json") if (self.folder / "generation_config.json").is_file() else {}
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if not all(_count(e, 0) for e in eos):
+        if not all(count(e, 0) for e in eos):
             raise MoteExportError(f"{self.folder}: eos_token_id {eos!r} is not a token id or a list of them")
         self.eos = set(eos)
 
@@ -302,6 +238,21 @@ class Session:
         out = _run(self.sessions["decoder"], "decoder.onnx", feed)
         return out[0], out[1:]
 
+    def prefill(self, ids: list[int], feats: np.ndarray) -> tuple[np.ndarray, list]:
+        """One decoder call over a whole prompt (embedding.onnx puts `feats` in place of its image tokens): the
+        last position's logits [1, 1, vocab] and the KV cache (generate_ids; mote-bench times it apart)."""
+        if feats.shape[0] != ids.count(self.image_token_id):
+            raise MoteExportError(f"vision.onnx gave {feats.shape[0]} image features for "
+                                  f"{ids.count(self.image_token_id)} image tokens")
+        embeds = _run(self.sessions["embedding"], "embedding.onnx", {"input_ids": np.asarray([ids], np.int64),
+                                                                     "image_features": feats})[0]
+        return self._decode(self._empty_past(), len(ids), np.arange(len(ids), dtype=np.int64), inputs_embeds=embeds,
+                            input_ids=np.zeros((1, 0), np.int64), logits_to_keep=np.array(1, np.int64))
+
+    def step(self, past: list, total: int, token: int) -> tuple[np.ndarray, list]:
+        """One decode step: `token` at position `total` (the KV cache holds `total` positions before it)."""
+        return self._decode(past, total + 1, np.array([total], np.int64), input_ids=np.array([[token]], np.int64))
+
     def generate_ids(self, image: str | Path, question: str, max_tokens: int, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0):
         """Yields (token id, finish reason or None) per generated token; a final (None, reason) at the end."""
@@ -309,15 +260,8 @@ class Session:
         if len(ids) >= self.n_ctx:
             raise MoteExportError(f"the prompt takes {len(ids)} tokens, more than n_ctx {self.n_ctx} allows; "
                                   "raise --n-ctx")
-        feats = self.image_features(image)
-        if feats.shape[0] != ids.count(self.image_token_id):
-            raise MoteExportError(f"vision.onnx gave {feats.shape[0]} image features for "
-                                  f"{ids.count(self.image_token_id)} image tokens")
-        embeds = _run(self.sessions["embedding"], "embedding.onnx", {"input_ids": np.asarray([ids], np.int64),
-                                                       "image_features": feats})[0]
+        logits, past = self.prefill(ids, self.image_features(image))
         total = len(ids)
-        logits, past = self._decode(self._empty_past(), total, np.arange(total, dtype=np.int64), inputs_embeds=embeds,
-                                    input_ids=np.zeros((1, 0), np.int64), logits_to_keep=np.array(1, np.int64))
         rng = np.random.default_rng(seed)
         for n in range(max_tokens):
             tok = sample(logits[0, -1], temperature, top_k, top_p, rng)
@@ -327,8 +271,7 @@ class Session:
             yield tok, None
             if n + 1 == max_tokens or total >= self.n_ctx:
                 break
-            logits, past = self._decode(past, total + 1, np.array([total], np.int64),
-                                        input_ids=np.array([[tok]], np.int64))
+            logits, past = self.step(past, total, tok)
             total += 1
         yield None, "length"
 

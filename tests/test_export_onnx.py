@@ -21,6 +21,8 @@ from onnx import TensorProto  # noqa: E402
 from mote_edge.checkpoint import load_model, save_model  # noqa: E402
 from mote_edge.deploy import ternary_experts  # noqa: E402
 from mote_edge.exporters import cli  # noqa: E402
+from mote_edge.exporters.errors import MoteExportError  # noqa: E402
+from mote_edge.exporters.onnx_files import image_processor  # noqa: E402
 from mote_edge.exporters.onnx_folder import write_onnx_folder  # noqa: E402
 from mote_edge.exporters.onnx_graph import (MOTE_DOMAIN, Graph, functions_used, pack_nbits2,  # noqa: E402
                                              ternary_matmul_exact, ternary_matmul_nbits, unpack_nbits2)
@@ -274,7 +276,7 @@ def test_multimodal_logits_and_vision_features_match_pytorch(tiny_onnx, tiny_tor
             f = model.model.get_image_features(pixel_values=enc["pixel_values"], vision_feature_layer=-1,
                                                vision_feature_select_strategy="full")
             f_ref = (f.pooler_output if hasattr(f, "pooler_output") else f)[0].numpy()
-        pix = onnx_engine.pixel_values(DATA / "images" / r["image"], onnx_engine._processor(tiny_onnx), 48)
+        pix = onnx_engine.pixel_values(DATA / "images" / r["image"], image_processor(tiny_onnx), 48)
         assert np.array_equal(pix, enc["pixel_values"].numpy())  # the engine's preprocessing is the processor's
         feats = s["vision"].run(None, {"pixel_values": pix})[0]
         cos_min = min(cos_min, float(((feats * f_ref).sum(1) / np.linalg.norm(feats, axis=1)
@@ -538,7 +540,7 @@ def test_failure_while_writing_leaves_nothing(variants, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(onnx_llm, "build_decoder", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MoteExportError, match=r"writing in .* failed \(disk full\); nothing was written"):
         write_onnx_folder(variants["mote"], tmp_path / "onnx", progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -159,11 +159,11 @@ def _json_edit(name: str, change):
 
 
 ONNX_FIXED = {
-    # onnx_engine.folder_config: a size missing (KeyError) or a list where file names go (TypeError)
+    # onnx_files.folder_config: a size missing (KeyError) or a list where file names go (TypeError)
     "no hidden_size": _json_edit("config.json", lambda c: c.pop("hidden_size")),
     "files not names": _json_edit("config.json", lambda c: c["mote_onnx"].update(files=[1, 2])),
     "string size": _json_edit("config.json", lambda c: c.update(num_hidden_layers="4")),
-    # onnx_engine._check_processor / eos: values pixel_values and the sampler read
+    # onnx_files._check_processor / onnx_engine eos: values pixel_values and the sampler read
     "zero std": _json_edit("processor_config.json", lambda c: c["image_processor"].update(image_std=[0, 0, 0])),
     "eos list of lists": _json_edit("generation_config.json", lambda c: c.update(eos_token_id=[[1]])),
     # onnx_engine._chat_template: a template that is not UTF-8 (UnicodeDecodeError)
