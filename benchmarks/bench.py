@@ -1,24 +1,25 @@
 """mote-bench: MoTE against MoE-LLaVA and the dense model on this machine's CPU, side by side, through
-one or more engines on the same files (`--engines llama.cpp,mote`: llama.cpp and our numpy engine).
+one or more engines on the same checkpoints (`--engines llama.cpp,mote,onnxruntime`: llama.cpp and our
+numpy engine on the GGUF, onnxruntime on an ONNX export of the same checkpoint).
 
     mote-bench --preset tiny|qwen2.5-0.5b|qwen2.5-1.5b|qwen2.5-3b [--models LIST] [--out DIR]
     mote-bench MODEL.gguf [MODEL.gguf ...] [--mmproj PATH] [--out DIR]
         [--threads N] [--repeats N] [--warmup N] [--n-gen N] [--seed S] [--image PNG] [--prompt TEXT]
         [--cache DIR] [--jobs N] [--vision-layers N] [--other-type T] [--keep-checkpoints]
-        [--engines llama.cpp,mote]
+        [--engines llama.cpp,mote,onnxruntime] [--onnx-kernels exact,fast] [--ort-profile]
     mote-bench --accuracy ...   accuracy against expert memory, MoTE vs MoE-LLaVA + PTQ (benchmarks/accuracy.py)
 
 With a preset, random-weight checkpoints of that shape are written (benchmarks/random_ckpt.py) and
-exported with mote-export's own writer into one GGUF per model, cached in --cache and reused;
-each checkpoint is deleted once its GGUFs exist (they are cheap to rewrite and large). Every
-model is then measured with each engine in its own process (benchmarks/bench_measure.py for
-llama.cpp, benchmarks/bench_measure_mote.py for the mote engine), with the machine's memory
-bandwidth measured in the same run for the roofline; results go to DIR/bench.json, DIR/bench.md
-and two PNG plots (benchmarks/bench_report.py).
+exported with mote-export's own writers into one GGUF per model and, for onnxruntime, one ONNX folder per
+model and --onnx-kernels body (each weight group in the ONNX type nearest its GGUF type:
+bench_models.onnx_types), cached in --cache and reused unless stale; each checkpoint is deleted once its
+exports exist (they are cheap to rewrite and large). Every model is then measured with each engine in its
+own process (benchmarks/bench_measure.py for llama.cpp, bench_measure_mote.py for the mote engine,
+bench_measure_onnx.py for onnxruntime), with the machine's memory bandwidth measured in the same run for
+the roofline; results go to DIR/bench.json, DIR/bench.md and two PNG plots (benchmarks/bench_report.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -28,11 +29,12 @@ import sys
 import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..exporters.errors import MoteExportError, cli_entry
-from .bench_models import ModelSpec, stale_routed_types
+from .bench_models import ModelSpec, onnx_bodies, onnx_label, onnx_types, stale_onnx_folder, stale_routed_types
+from ..exporters.errors import ArgumentParser
 
 GIB = 2 ** 30
 _MMPROJ_ROOM = 2 * GIB  # the projector (0.8 GB for SigLIP so400m) and headroom
@@ -112,6 +114,23 @@ def _job_export(ckpt: str, out: str, spec: dict, other: str) -> dict:
     return {"path": out, "file_bytes": s["file_bytes"], "fallbacks": s["fallbacks"], "seconds": time.perf_counter() - t0}
 
 
+def onnx_name(spec: ModelSpec, other: str, body: str) -> str:
+    """The cached ONNX export folder of `spec` with --onnx-kernels `body`, beside its GGUF."""
+    return gguf_name(spec, other).removesuffix(".gguf") + f".onnx-{body}"
+
+
+def _job_onnx(ckpt: str, out: str, body: str, types: dict) -> dict:
+    from ..exporters.onnx_folder import write_onnx_folder
+    from .bench_measure_onnx import folder_bytes
+
+    t0 = time.perf_counter()
+    if Path(out).exists():  # a stale or partial folder (build_preset decided to rebuild it); the writer makes a new one
+        shutil.rmtree(out)
+    s = write_onnx_folder(ckpt, out, kernels=body, progress=False, **types)
+    return {"path": out, "file_bytes": folder_bytes(Path(out)), "files": s["files"], "kernels": s["kernels"],
+            "types": types, "seconds": time.perf_counter() - t0}
+
+
 def _job_mmproj(ckpt: str, out: str) -> dict:
     from ..exporters.gguf_mmproj import write_mmproj
 
@@ -119,22 +138,43 @@ def _job_mmproj(ckpt: str, out: str) -> dict:
     return write_mmproj(Path(ckpt), Path(out)) | {"seconds": time.perf_counter() - t0}
 
 
+@dataclass(frozen=True)
+class Target:
+    """One export to build from a checkpoint: a GGUF file (body None) or an ONNX folder (mote-export --format
+    onnx with --onnx-kernels `body` and write_onnx_folder's `types`)."""
+    spec: ModelSpec
+    path: Path
+    body: str | None = None
+    types: tuple = ()  # ((keyword, type), ...): hashable
+
+    @property
+    def what(self) -> str:
+        """Its name in the build log; the last word names the file (the builder's disk accounting)."""
+        return f"export {self.spec.name}" if self.body is None else f"onnx {self.path.name}"
+
+
 class _Builder:
-    """Runs checkpoint writes and exports on `jobs` worker processes (an export is mostly single-threaded
-    numpy). One stage per checkpoint variant, the stage holding the longest export first and the
-    longest exports first; a second stage overlaps the first (both workers stay busy) only while the
-    disk has room for both (1.5B checkpoints are 10-12 GB), never more than two; a checkpoint is
+    """Runs checkpoint writes and exports (GGUF files and ONNX folders) on `jobs` worker processes (an export
+    is mostly single-threaded numpy). One stage per checkpoint variant, the stage holding the longest export
+    first and the longest exports first; a second stage overlaps the first (both workers stay busy) only while
+    the disk has room for both (1.5B checkpoints are 10-12 GB), never more than two; a checkpoint is
     deleted as soon as the last export reading it is done, unless kept."""
 
     def __init__(self, folder: Path, p, preset_args: tuple, other: str, jobs: int, keep: bool, sizes: dict):
         self.folder, self.p, self.preset_args, self.other, self.jobs = folder, p, preset_args, other, jobs
         self.keep, self.sizes = keep, sizes
+        self.costs: dict[str, float] = {}
 
-    def _stage_jobs(self, todo: list[ModelSpec], need_mmproj: bool) -> dict[str, list]:
-        stages: dict[str, list] = {v: [] for v in stage_order(self.p, todo)}
-        for s in sorted(todo, key=lambda s: -export_cost(self.p, s)):
-            ckpt, out = str(self.folder / f"ckpt-{s.variant}"), str(self.folder / gguf_name(s, self.other))
-            stages[s.variant].append((f"export {s.name}", _job_export, (ckpt, out, asdict(s), self.other)))
+    def _stage_jobs(self, todo: list[Target], need_mmproj: bool) -> dict[str, list]:
+        stages: dict[str, list] = {v: [] for v in stage_order(self.p, [t.spec for t in todo])}
+        for t in sorted(todo, key=lambda t: -export_cost(self.p, t.spec)):
+            ckpt = str(self.folder / f"ckpt-{t.spec.variant}")
+            self.costs[t.what] = export_cost(self.p, t.spec)  # an ONNX export: about a GGUF's, for ordering
+            if t.body is None:
+                job = (_job_export, (ckpt, str(t.path), asdict(t.spec), self.other))
+            else:
+                job = (_job_onnx, (ckpt, str(t.path), t.body, dict(t.types)))
+            stages[t.spec.variant].append((t.what, *job))
         if need_mmproj:  # from the first stage's checkpoint (every variant has the same vision weights)
             v = next(iter(stages), "dense")
             ckpt = str(self.folder / f"ckpt-{v}")
@@ -150,7 +190,7 @@ class _Builder:
         pending = sum(self.sizes.get(n, 0) for v in started for n in names(v) if n in unfinished)
         return need + pending + _MMPROJ_ROOM <= shutil.disk_usage(self.folder).free
 
-    def run(self, todo: list[ModelSpec], need_mmproj: bool) -> list[dict]:
+    def run(self, todo: list[Target], need_mmproj: bool) -> list[dict]:
         stages = self._stage_jobs(todo, need_mmproj)
         waiting, started, unfinished = list(stages), [], set()
         remaining = {v: len(j) for v, j in stages.items()}
@@ -197,36 +237,55 @@ class _Builder:
                         shutil.rmtree(self.folder / f"ckpt-{variant}", ignore_errors=True)
 
     def _cost(self, job) -> float:
-        what = job[0]
-        return export_cost(self.p, MODELS[what.split()[1]]) if what.startswith("export") else 0.0
+        return self.costs.get(job[0], 0.0)
 
 
 def build_preset(p, preset_args: tuple, specs: list[ModelSpec], cache: Path, other: str, jobs: int,
-                 keep: bool) -> tuple[dict[str, Path], Path, list[dict]]:
-    """The GGUF of every spec and the shared mmproj for preset `p`, built where missing."""
+                 keep: bool, gguf: bool = True, bodies: tuple[str, ...] = ()) -> tuple[dict, Path | None, list[dict]]:
+    """The exports of every spec for preset `p`, built where missing or stale, from one checkpoint per
+    variant: with `gguf` its GGUF and the shared mmproj, and one ONNX folder per body in `bodies` (a model
+    without ternary experts: one, bench_models.onnx_bodies). Returns ({(name, body or None): path},
+    the mmproj or None, the build log)."""
     vl = p.vision["num_hidden_layers"]
     folder = cache / (p.name if preset_args[1] is None else f"{p.name}-vision{vl}")
-    paths = {s.name: folder / gguf_name(s, other) for s in specs}
-    mmproj = folder / "mmproj.gguf"
-    todo = [s for s in specs if not paths[s.name].is_file() or stale_routed_types(paths[s.name], s)]
-    if not todo and mmproj.is_file():
+    targets = [Target(s, folder / gguf_name(s, other)) for s in specs] if gguf else []
+    targets += [Target(s, folder / onnx_name(s, other, b), b, tuple(onnx_types(s, other).items()))
+                for s in specs for b in onnx_bodies(s, list(bodies))]
+    paths = {(t.spec.name, t.body): t.path for t in targets}
+    mmproj = folder / "mmproj.gguf" if gguf else None
+    todo = [t for t in targets if _stale(t)]
+    need_mmproj = gguf and not mmproj.is_file()
+    if not todo and not need_mmproj:
         return paths, mmproj, []
     folder.mkdir(parents=True, exist_ok=True)
-    ckpts = {v: ckpt_bytes(p, v) for v in {s.variant for s in todo} or {"dense"}}
-    order = stage_order(p, todo) or ["dense"]
-    ggufs = {v: sum(estimate_gguf(p, s, other) for s in todo if s.variant == v) for v in order}
-    # One stage at a time needs its checkpoint and the GGUFs so far; the builder overlaps a second
+    variants = [t.spec.variant for t in todo]
+    ckpts = {v: ckpt_bytes(p, v) for v in set(variants) or {"dense"}}
+    order = stage_order(p, [t.spec for t in todo]) or ["dense"]
+    sizes = {t.what.split()[-1]: _estimate(p, t, other) for t in todo}
+    outputs = {v: sum(sizes[t.what.split()[-1]] for t in todo if t.spec.variant == v) for v in order}
+    # One stage at a time needs its checkpoint and the exports so far; the builder overlaps a second
     # stage only while the disk has room for it (_Builder._room).
-    one = max(ckpts[v] + sum(ggufs[u] for u in order[:i + 1]) for i, v in enumerate(order)) + _MMPROJ_ROOM
+    one = max(ckpts[v] + sum(outputs[u] for u in order[:i + 1]) for i, v in enumerate(order)) + _MMPROJ_ROOM
     free = shutil.disk_usage(folder).free
     if one > free:
-        raise MoteExportError(f"building {len(todo)} {p.name} models needs about {one / GIB:.0f} GiB free in "
-                              f"{folder} (a checkpoint + the GGUFs); {free / GIB:.0f} GiB is free. Pick fewer "
+        raise MoteExportError(f"building {len(todo)} {p.name} exports needs about {one / GIB:.0f} GiB free in "
+                              f"{folder} (a checkpoint + the exports); {free / GIB:.0f} GiB is free. Pick fewer "
                               "--models or another --cache")
-    print(f"building {len(todo)} model file(s) in {folder} ({sum(ggufs.values()) / GIB:.1f} GiB of GGUFs, "
-          f"{jobs} worker(s))", file=sys.stderr)
-    sizes = {s.name: estimate_gguf(p, s, other) for s in todo} | {f"ckpt-{v}": b for v, b in ckpts.items()}
-    return paths, mmproj, _Builder(folder, p, preset_args, other, jobs, keep, sizes).run(todo, not mmproj.is_file())
+    n_onnx = sum(t.body is not None for t in todo)
+    print(f"building {len(todo) - n_onnx} model file(s) and {n_onnx} ONNX folder(s) in {folder} "
+          f"({sum(outputs.values()) / GIB:.1f} GiB, {jobs} worker(s))", file=sys.stderr)
+    sizes |= {f"ckpt-{v}": b for v, b in ckpts.items()}
+    return paths, mmproj, _Builder(folder, p, preset_args, other, jobs, keep, sizes).run(todo, need_mmproj)
+
+
+def _stale(t: Target) -> bool:
+    if t.body is None:
+        return not t.path.is_file() or stale_routed_types(t.path, t.spec)
+    return stale_onnx_folder(t.path, t.spec, t.body, dict(t.types))
+
+
+def _estimate(p, t: Target, other: str) -> int:
+    return estimate_gguf(p, t.spec, other) if t.body is None else estimate_onnx(p, t.spec, t.body, dict(t.types))
 
 
 def stage_order(p, todo: list[ModelSpec]) -> list[str]:
@@ -265,6 +324,35 @@ def estimate_gguf(p, spec: ModelSpec, other: str = "f16") -> int:
     return body + ffn(spec.shared, 1)
 
 
+# Bytes per weight of an ONNX export's weights, by type (write_onnx_folder's) or ternary body; MatMulNBits
+# blocks: the codes and an fp32 scale per block (32 weights for q8_0 / q4_0, 128 for the fast ternary body)
+_ONNX_BPW = {"f32": 4, "f16": 2, "q8_0": 36 / 32, "q4_0": 20 / 32, "exact": 1, "fast": 36 / 128}
+
+
+def estimate_onnx(p, spec: ModelSpec, body: str, types: dict[str, str]) -> int:
+    """An ONNX folder's weight bytes at shape `p` (for the disk check): vision tower and projector fp32,
+    attention / head in other_type, the token embedding too but at least f16 (block-quantized only where the
+    exporter has an op for it), shared expert / FFN and MoE-LLaVA experts in their types, ternary experts in
+    the body's codes. Within a few % of the written folders at the tiny and 0.5B shapes."""
+    from .random_ckpt import moe_settings, tensor_specs
+
+    def bpw(name: str) -> float:
+        if "language_model." not in name and "lm_head" not in name:
+            return 4  # vision tower, projector
+        if ".experts." in name:
+            return _ONNX_BPW[body if spec.variant == "mote" else types["expert_type"]]
+        if ".mlp." in name and ".router." not in name:
+            return _ONNX_BPW[types["shared_type"]]
+        if ".self_attn." in name or "lm_head" in name:
+            return _ONNX_BPW[types["other_type"]]
+        if "embed_tokens" in name:
+            return max(_ONNX_BPW[types["other_type"]], 2)
+        return 4
+
+    mote = moe_settings(spec.variant, p.text["num_hidden_layers"])
+    return int(sum(_prod(shape) * bpw(name) for name, shape in tensor_specs(p, mote)))
+
+
 # ---- measuring -----------------------------------------------------------------------------------------
 
 def _default_image() -> tuple[Path, str]:
@@ -281,7 +369,10 @@ def _default_image() -> tuple[Path, str]:
 # engine name (mote-run --engine) -> the module measuring one model with it, run as a child process:
 # `python -m MODULE ARGS.json OUT.json` (bench_measure's protocol)
 ENGINE_CHILDREN = {"llama.cpp": "mote_edge.benchmarks.bench_measure",
-                   "mote": "mote_edge.benchmarks.bench_measure_mote"}
+                   "mote": "mote_edge.benchmarks.bench_measure_mote",
+                   "onnxruntime": "mote_edge.benchmarks.bench_measure_onnx"}
+DEFAULT_BODIES = ("exact", "fast")
+PROFILE_TOKENS = 8  # --ort-profile: decoded tokens profiled (at most --n-gen); 1.5B: ~5 MB of trace a token
 
 
 def parse_engines(text: str) -> list[str]:
@@ -292,14 +383,38 @@ def parse_engines(text: str) -> list[str]:
     return list(dict.fromkeys(engines))
 
 
-def measure(name: str, model: Path, mmproj: Path, a, image: Path, prompt: str, tmp: Path,
-            engine: str = "llama.cpp") -> dict:
-    """One model with one engine in a child process of its own (its peak RSS is this model's alone)."""
-    tag = f"{name}.{engine}"
+def parse_onnx_kernels(text: str | None, engines: list[str]) -> list[str]:
+    """The --onnx-kernels bodies (default exact,fast) when onnxruntime is among the engines, else none."""
+    if "onnxruntime" not in engines:
+        if text is not None:
+            raise MoteExportError("--onnx-kernels picks the bodies of the onnxruntime engine's exports; add "
+                                  "onnxruntime to --engines")
+        return []
+    try:
+        import onnxruntime  # noqa: F401 - the children need it; fail here, before anything is built
+
+        from ..exporters.onnx_folder import KERNELS
+    except ImportError as exc:
+        raise MoteExportError(f"--engines onnxruntime needs onnx and onnxruntime ({exc}); "
+                              "pip install 'mote-edge[onnx]'") from None
+    bodies = [b.strip().lower() for b in (text if text is not None else ",".join(DEFAULT_BODIES)).split(",")
+              if b.strip()]
+    if not bodies or any(b not in KERNELS for b in bodies):
+        raise MoteExportError(f"--onnx-kernels {text!r}; accepted: a comma-separated list of {', '.join(KERNELS)}")
+    return list(dict.fromkeys(bodies))
+
+
+def measure(name: str, model: Path, mmproj: Path | None, a, image: Path, prompt: str, tmp: Path,
+            engine: str = "llama.cpp", body: str | None = None) -> dict:
+    """One model with one engine (an ONNX folder: with its body) in a child process of its own (its peak RSS
+    is this model's alone)."""
+    tag = f"{name}.{engine}" + (f".{body}" if body else "")
     args, out = tmp / f"{tag}.args.json", tmp / f"{tag}.out.json"
-    args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj), "threads": a.threads, "seed": a.seed,
-                                "image": str(image), "prompt": prompt, "n_gen": a.n_gen, "warmup": a.warmup,
-                                "repeats": a.repeats}))
+    extra = {"ort_profile": min(a.n_gen, PROFILE_TOKENS) if a.ort_profile else 0, "profile_dir": str(tmp)} \
+        if engine == "onnxruntime" else {}
+    args.write_text(json.dumps({"model": str(model), "mmproj": str(mmproj) if mmproj else None, "threads": a.threads,
+                                "seed": a.seed, "image": str(image), "prompt": prompt, "n_gen": a.n_gen,
+                                "warmup": a.warmup, "repeats": a.repeats} | extra))
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", ENGINE_CHILDREN[engine], str(args), str(out)],
                        stderr=subprocess.PIPE, text=True, check=False)
@@ -327,6 +442,11 @@ def _check_args(a) -> None:
         raise MoteExportError(f"--out {a.out!r} is a file; give a folder")
     if a.image and not Path(a.image).is_file():
         raise MoteExportError(f"image {a.image!r} does not exist")
+    if a.gguf and "onnxruntime" in parse_engines(a.engines):
+        raise MoteExportError("--engines onnxruntime measures a preset's models (each exported to ONNX from the "
+                              "checkpoint its GGUFs come from); with GGUF files, accepted: llama.cpp, mote")
+    if a.ort_profile and "onnxruntime" not in parse_engines(a.engines):
+        raise MoteExportError("--ort-profile profiles the onnxruntime engine; add onnxruntime to --engines")
 
 
 def _gguf_inputs(a) -> list[tuple[str, Path, Path, None]]:
@@ -348,6 +468,20 @@ def _gguf_inputs(a) -> list[tuple[str, Path, Path, None]]:
     return models
 
 
+def _costs(path: Path, body: str | None) -> dict:
+    """The bytes a model holds and reads per token: a GGUF file's, or (body given) an ONNX folder's."""
+    if body is not None:
+        from .bench_measure_onnx import onnx_costs
+
+        return onnx_costs(path)
+    from .bench_measure import gguf_costs
+
+    try:
+        return gguf_costs(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MoteExportError(f"{path} is not a readable GGUF model file ({exc})") from None
+
+
 @cli_entry
 def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
@@ -356,7 +490,7 @@ def main(argv=None):
 
         run(args[1:])
         return None
-    p = argparse.ArgumentParser(prog="mote-bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mote-bench", description=__doc__.split("\n")[0])
     p.add_argument("gguf", nargs="*", help="exported LLM GGUF files (each with its <stem>-mmproj.gguf)")
     p.add_argument("--preset", help="build random-weight models of a shape: tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b")
     p.add_argument("--models", help=f"comma-separated, of: {', '.join(MODELS)}; or the groups {', '.join(GROUPS)} "
@@ -374,16 +508,23 @@ def main(argv=None):
     p.add_argument("--image", help="image for the question (default: the tiny task's first test image)")
     p.add_argument("--prompt", help="the question (default: the tiny task's first test question)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "mote-edge" / "bench"),
-                   help="where preset checkpoints and GGUFs are built and reused (default ~/.cache/mote-edge/bench)")
+                   help="where preset checkpoints, GGUFs and ONNX folders are built and reused (default "
+                   "~/.cache/mote-edge/bench)")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel exports when building (default: cores)")
     p.add_argument("--vision-layers", type=int, help="truncate the preset's SigLIP tower to N layers (default: all)")
     p.add_argument("--other-type", default="f16", help="preset models' attention, embeddings and output (default f16)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints in --cache")
-    p.add_argument("--engines", default="llama.cpp", help=f"comma-separated engines measured on the same files, of: "
-                   f"{', '.join(ENGINE_CHILDREN)} (default llama.cpp)")
+    p.add_argument("--engines", default="llama.cpp", help=f"comma-separated engines measured on the same "
+                   f"checkpoints, of: {', '.join(ENGINE_CHILDREN)} (default llama.cpp; onnxruntime: presets only, on "
+                   "ONNX folders exported from the checkpoint the GGUFs come from)")
+    p.add_argument("--onnx-kernels", help="with --engines onnxruntime: comma-separated bodies of the ternary experts, "
+                   "one ONNX export of each MoTE model per body (default exact,fast)")
+    p.add_argument("--ort-profile", action="store_true", help="with --engines onnxruntime: the time of a decoded "
+                   f"token by op type and part of the model, from onnxruntime's profiler ({PROFILE_TOKENS} tokens)")
     a = p.parse_args(argv)
     _check_args(a)
     engines = parse_engines(a.engines)
+    bodies = parse_onnx_kernels(a.onnx_kernels, engines)
     t_start = time.perf_counter()
     from ..exporters.quantize import parse_type
     from .random_ckpt import preset as get_preset
@@ -393,42 +534,47 @@ def main(argv=None):
         parse_type(a.other_type, "--other-type")
         pr = get_preset(a.preset, a.vision_layers)
         specs = parse_models(a.models or "all")
-        paths, mmproj, build_log = build_preset(pr, (a.preset, a.vision_layers), specs, Path(a.cache),
-                                                a.other_type.lower(), a.jobs, a.keep_checkpoints)
-        models = [(s.name, paths[s.name], mmproj, s) for s in specs]
+        other = a.other_type.lower()
+        paths, mmproj, build_log = build_preset(pr, (a.preset, a.vision_layers), specs, Path(a.cache), other,
+                                                a.jobs, a.keep_checkpoints,
+                                                gguf=any(e != "onnxruntime" for e in engines), bodies=tuple(bodies))
+        runs = []  # (model name, spec, engine, body, path, mmproj): engines side by side, model by model
+        for s in specs:
+            for e in engines:
+                runs += ([(s.name, s, e, b, paths[(s.name, b)], None) for b in onnx_bodies(s, bodies)]
+                         if e == "onnxruntime" else [(s.name, s, e, None, paths[(s.name, None)], mmproj)])
         if a.vision_layers is not None:
             notes.append(f"SigLIP tower truncated to {a.vision_layers} of the shape's "
                          f"{get_preset(a.preset).vision['num_hidden_layers']} layers (--vision-layers): "
                          "vision encode time is not the full tower's")
     else:
-        models = _gguf_inputs(a)
+        runs = [(name, None, e, None, path, proj) for name, path, proj, _ in _gguf_inputs(a) for e in engines]
     image, prompt = _default_image()
     image, prompt = Path(a.image or image), a.prompt or prompt
-    from .bench_measure import gguf_costs, machine_facts, memory_bandwidth
+    from .bench_measure import machine_facts, memory_bandwidth
     from .bench_report import write_report
 
-    costs = {}
-    for name, path, _, _ in models:
-        try:
-            costs[name] = gguf_costs(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise MoteExportError(f"{path} is not a readable GGUF model file ({exc})") from None
+    costs = {path: _costs(path, body) for _, _, _, body, path, _ in runs}
     facts = machine_facts(a.threads)
     print(f"memory bandwidth ({a.threads} processes) ...", file=sys.stderr)
     bandwidth = [memory_bandwidth(a.threads)]
     results = []
+    tagged = len(engines) > 1 or len(bodies) > 1  # several rows per model: each says its engine (and body)
     with tempfile.TemporaryDirectory(prefix="mote-bench-") as tmp:
-        runs = [(m, e) for m in models for e in engines]  # engines side by side, model by model
-        for i, ((name, path, proj, spec), engine) in enumerate(runs):
-            shown = name if len(engines) == 1 else f"{name} [{engine}]"
+        for i, (name, spec, engine, body, path, proj) in enumerate(runs):
+            tag = engine + (f" {body}" if body and spec.variant == "mote" else "")
+            shown = f"{name} [{tag}]" if tagged else name
             print(f"[measure {i + 1}/{len(runs)}] {shown} ...", file=sys.stderr)
-            m = measure(name, path, proj, a, image, prompt, Path(tmp), engine)
-            results.append({"name": shown, "model": name, "engine": engine, "path": str(path), "mmproj": str(proj),
-                            "spec": asdict(spec) | {"label": spec.label} if spec else None} | costs[name] | m)
+            m = measure(name, path, proj, a, image, prompt, Path(tmp), engine, body)
+            label = (onnx_label(spec, body, costs[path]["group_types"]) if body else spec.label) if spec else None
+            results.append({"name": shown, "model": name, "engine": engine, "body": body, "path": str(path),
+                            "mmproj": str(proj) if proj else None,
+                            "spec": asdict(spec) | {"label": label} if spec else None} | costs[path] | m)
     bandwidth.append(memory_bandwidth(a.threads))  # again after: another job on the machine shows here
     report = {"command": ["mote-bench", *(sys.argv[1:] if argv is None else argv)], "machine": facts,
               "bandwidth": bandwidth, "preset": a.preset, "vision_layers": a.vision_layers, "notes": notes,
               "settings": {k: getattr(a, k) for k in ("threads", "repeats", "warmup", "n_gen", "seed", "other_type")}
-              | {"image": str(image), "prompt": prompt, "engines": engines},
+              | {"image": str(image), "prompt": prompt, "engines": engines, "onnx_kernels": bodies,
+                 "ort_profile": a.ort_profile},
               "build": build_log, "models": results, "wall_s": time.perf_counter() - t_start}
     print(write_report(report, Path(a.out)))

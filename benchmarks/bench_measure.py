@@ -111,6 +111,10 @@ def machine_facts(threads: int) -> dict:
         gguf_version = version("gguf")
     except PackageNotFoundError:
         gguf_version = "?"
+    try:  # the onnxruntime engine's (an optional extra)
+        ort_version = version("onnxruntime")
+    except PackageNotFoundError:
+        ort_version = None
     l3 = None
     try:  # the last-level cache: a model whose per-token weights fit in it is not bound by DRAM bandwidth
         size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
@@ -125,7 +129,7 @@ def machine_facts(threads: int) -> dict:
     return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "cores_usable": affinity,
             "memory_bytes": mem, "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "l3_cache_bytes": l3, "numpy": np.__version__, "gguf": gguf_version,
-            "llama_cpp_python": llama_cpp.__version__,
+            "llama_cpp_python": llama_cpp.__version__, "onnxruntime": ort_version,
             "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
             "threads": threads, "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
 

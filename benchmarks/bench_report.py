@@ -16,7 +16,9 @@ TIMED = ("encode_s", "ttft_s", "prefill_tok_s", "decode_tok_s")
 # DESIGN.md 1: expert memory (shared + routed, all layers, GiB), paper: MoE-LLaVA 4 x BF16 / MoTE BF16 + 2-bit
 PAPER_GIB = {"qwen2.5-0.5b": (2.3, 0.9), "qwen2.5-1.5b": (8.6, 3.2), "qwen2.5-3b": (18.1, 6.8)}
 COLORS = {"mote": "tab:blue", "moe-llava": "tab:orange", "dense": "tab:gray", None: "tab:green"}
-MARKERS = {"llama.cpp": "o", "mote": "s"}  # engine -> marker in the memory / decode plot
+# engine (an ONNX row: with its body) -> marker in the memory / decode plot
+MARKERS = {"llama.cpp": "o", "mote": "s", "onnxruntime exact": "^", "onnxruntime fast": "v", "onnxruntime": "D"}
+PROFILE_ROWS = 12  # op types listed in the profile table (the rest summed)
 
 
 def summarize(report: dict) -> None:
@@ -38,6 +40,13 @@ def _family(m: dict) -> str | None:
     return m["spec"]["variant"] if m.get("spec") else None
 
 
+def _engine(m: dict) -> str:
+    """A row's engine, an onnxruntime row's with the body of its ternary experts (MoTE only: the other
+    models' exports have no body)."""
+    e = m.get("engine", "llama.cpp")
+    return f"{e} {m['body']}" if m.get("body") and _family(m) == "mote" else e
+
+
 def markdown(r: dict) -> str:
     f, s = r["machine"], r["settings"]
     first = r["models"][0]["rounds"][0]
@@ -48,7 +57,8 @@ def markdown(r: dict) -> str:
     lines = [
         f"# mote-bench: {title}", "",
         f"Machine: {f['cpu']} ({f['arch']}), {f['cores']} cores ({f['cores_usable']} usable), {mem}, {f['os']}; "
-        f"llama-cpp-python {f['llama_cpp_python']} ({f['llama_cpp_system_info']}); gguf {f['gguf']}, numpy {f['numpy']}.",
+        f"llama-cpp-python {f['llama_cpp_python']} ({f['llama_cpp_system_info']}); gguf {f['gguf']}, numpy {f['numpy']}"
+        + (f", onnxruntime {f['onnxruntime']}." if "onnxruntime" in s.get("engines", []) else "."),
         f"Memory bandwidth, numpy, {r['bandwidth'][0]['processes']} processes: {bw}. "
         f"Roofline uses read {r['roofline_read_gbs']:.1f} GB/s.",
         f"Settings: {s['threads']} threads; per model, in its own process: {s['warmup']} warm-up pass(es) (image "
@@ -68,10 +78,21 @@ def markdown(r: dict) -> str:
         lines.append(f"Note: {', '.join(cached)} read(s) less per token than the {l3 / MIB:.0f} MiB last-level "
                      "cache holds: the DRAM roofline does not bound them.")
     if "mote" in s.get("engines", []):
-        lines.append("Note: the roofline bound of every row is the GGUF file's bytes read per token, as llama.cpp reads "
+        lines.append("Note: the roofline bound of every GGUF row is the file's bytes read per token, as llama.cpp reads "
                      "them in place; the mote engine repacks some tensors at load (e.g. ternary experts into int8 "
                      "codes: `engine_report.repacked_by` in bench.json), so its per-token reads, and its true "
                      "bound, differ: its decode / bound compares it with the same file's bound.")
+    if "onnxruntime" in s.get("engines", []):
+        lines.append("Note: onnxruntime rows run an ONNX export folder (mote-export --format onnx) of the same "
+                     "checkpoint, one per --onnx-kernels body for MoTE (exact: int8 ternary codes, MatMulInteger; "
+                     "fast: 2-bit codes, MatMulNBits); the row label says the types the folder holds. Its file size "
+                     "is the whole folder, vision tower included (a GGUF row's tower is the separate mmproj, not "
+                     "counted); its bound counts decoder.onnx's initializers a token reads, active experts only.")
+        widened = [f"{m['name']} {m['widened_bytes'] / MIB:.1f} MiB" for m in r["models"] if m.get("widened_bytes")]
+        if widened:
+            lines.append("Note: onnxruntime folds the graph's Cast of each f16 weight into an fp32 copy at load, so "
+                         "those weights sit in memory twice and every token reads the fp32 copy (the bound counts "
+                         f"it): {', '.join(widened)} of such copies.")
     lines += ["", f"## Speed ({', '.join(s.get('engines', ['llama.cpp']))}, CPU)", "",
               "| model | vision encode s | time to first token s (image) | prefill tok/s | decode tok/s "
               "| roofline bound tok/s | decode / bound |", "|---|---|---|---|---|---|---|"]
@@ -88,7 +109,8 @@ def markdown(r: dict) -> str:
     for m in r["models"]:
         g = m["group_bytes"]
         shared = g.get("shared", 0) + g.get("ffn", 0)
-        types = {k: [t for t in m["group_types"].get(k, []) if t != "F32"] for k in ("shared", "ffn", "routed")}
+        onnx = m.get("engine") == "onnxruntime"  # its types leave out 1-D tensors already; F32 is a choice there
+        types = {k: [t for t in m["group_types"].get(k, []) if onnx or t != "F32"] for k in ("shared", "ffn", "routed")}
         if any(len(v) > 1 for v in types.values()):
             mixed.append(m["name"])
         what = m["spec"]["label"] if m.get("spec") else m["arch"]
@@ -107,9 +129,60 @@ def markdown(r: dict) -> str:
                   "gate/up experts fall back to exact Q2_0, 2.25 bpw)."]
     lines += ["", "Expert memory: routed + shared expert tensors (a dense model: its FFN). Weights read per token: "
               "attention, norms, routers, shared expert, top-k / n_expert of the routed experts, output head, one "
-              "embedding row (from the GGUF tensor sizes). Prefill tok/s: prompt tokens / (time to first token - "
+              "embedding row (from the GGUF tensor sizes; an onnxruntime row: decoder.onnx's initializers). "
+              "Prefill tok/s: prompt tokens / (time to first token - "
               "vision encode)."]
+    lines += _against_llama_cpp(r) + _profile_tables(r)
     return "\n".join(lines) + "\n"
+
+
+def _against_llama_cpp(r: dict) -> list[str]:
+    """Decode speed of every onnxruntime row against the llama.cpp row of the same checkpoint (the issue's
+    target: the fast export decodes at least as fast as llama.cpp on the same checkpoint)."""
+    llama = {m.get("model"): m for m in r["models"] if m.get("engine") == "llama.cpp"}
+    pairs = [(m, llama[m.get("model")]) for m in r["models"] if m.get("engine") == "onnxruntime" and m.get("model") in llama]
+    if not pairs:
+        return []
+    out = ["", "## onnxruntime against llama.cpp on the same checkpoint (median decode tok/s)", "",
+           "| model | engine | onnxruntime tok/s | llama.cpp tok/s | onnxruntime / llama.cpp |",
+           "|---|---|---|---|---|"]
+    for m, ref in pairs:
+        a, b = m["stats"]["decode_tok_s"]["median"], ref["stats"]["decode_tok_s"]["median"]
+        out.append(f"| {m['model']} | {_engine(m)} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    return out
+
+
+def _profile_tables(r: dict) -> list[str]:
+    """--ort-profile: milliseconds of one decoded token by part of the model and by op type, per onnxruntime row."""
+    ms = [m for m in r["models"] if m.get("ort_profile")]
+    if not ms:
+        return []
+    n = ms[0]["ort_profile"]["tokens"]
+    head = "| " + " | ".join(m["name"] for m in ms) + " |"
+    rule = "|---" * (len(ms) + 1) + "|"
+    out = ["", "## Where a decoded token's time goes (onnxruntime profiler, --ort-profile)", "",
+           f"Milliseconds per decoded token, the mean of {n} greedy tokens after the image question, in a second "
+           "session whose decoder runs under onnxruntime's profiler (SessionOptions.enable_profiling; the profiler "
+           "adds some time: compare the unprofiled decode ms row). Parts from the exporter's node names; nodes "
+           "onnxruntime names itself (the ternary ops' inlined function bodies, its layout transposes) count in "
+           "the part of the node before them.", "", "| part " + head, rule]
+    parts = sorted({k for m in ms for k in m["ort_profile"]["part_ms"]},
+                   key=lambda k: -max(m["ort_profile"]["part_ms"].get(k, 0) for m in ms))
+    for k in parts:
+        out.append(f"| {k} | " + " | ".join(f"{m['ort_profile']['part_ms'].get(k, 0):.2f}" for m in ms) + " |")
+    out.append("| all nodes | " + " | ".join(f"{m['ort_profile']['nodes_ms']:.2f}" for m in ms) + " |")
+    out.append("| decoder run (profiled) | " + " | ".join(f"{m['ort_profile']['run_ms']:.2f}" for m in ms) + " |")
+    out.append("| decode step, unprofiled (1 / median tok/s) | "
+               + " | ".join(f"{1e3 / m['stats']['decode_tok_s']['median']:.2f}" for m in ms) + " |")
+    ops = sorted({k for m in ms for k in m["ort_profile"]["op_ms"]},
+                 key=lambda k: -max(m["ort_profile"]["op_ms"].get(k, 0) for m in ms))
+    out += ["", "| op type " + head, rule]
+    for k in ops[:PROFILE_ROWS]:
+        out.append(f"| {k} | " + " | ".join(f"{m['ort_profile']['op_ms'].get(k, 0):.2f}" for m in ms) + " |")
+    if len(ops) > PROFILE_ROWS:
+        rest = [sum(v for k, v in m["ort_profile"]["op_ms"].items() if k not in ops[:PROFILE_ROWS]) for m in ms]
+        out.append(f"| {len(ops) - PROFILE_ROWS} other op types | " + " | ".join(f"{x:.2f}" for x in rest) + " |")
+    return out
 
 
 def _label_offsets(ax, points: list[tuple[str, float, float]]) -> list[tuple[str, float, float, int]]:
@@ -141,7 +214,7 @@ def plots(r: dict, out: Path) -> list[Path]:
         d = m["stats"]["decode_tok_s"]
         x = m["rss_peak"] / GIB
         ax.errorbar(x, d["median"], yerr=[[d["median"] - d["min"]], [d["max"] - d["median"]]],
-                    fmt=MARKERS.get(m.get("engine"), "o"),
+                    fmt=MARKERS.get(_engine(m), "o"),
                     color=COLORS[_family(m)], capsize=3)
         points.append((m["name"], x, d["median"]))
     for name, x, y, dy in _label_offsets(ax, points):
@@ -149,7 +222,7 @@ def plots(r: dict, out: Path) -> list[Path]:
     for fam, color in COLORS.items():
         if any(_family(m) == fam for m in ms):
             ax.scatter([], [], color=color, label=fam or "GGUF file")
-    engines = r["settings"].get("engines", ["llama.cpp"])
+    engines = list(dict.fromkeys(_engine(m) for m in ms))
     if len(engines) > 1:
         for e in engines:
             ax.scatter([], [], color="black", marker=MARKERS.get(e, "o"), label=f"engine {e}")
@@ -162,9 +235,9 @@ def plots(r: dict, out: Path) -> list[Path]:
     p1 = out / "memory_vs_decode.png"
     _save(fig, p1)
 
-    ms = list({m.get("model", m["name"]): m for m in ms}.values())  # one bar per file, whatever the engines
+    ms = list({m["path"]: m for m in ms}.values())  # one bar per file (or ONNX folder), whatever the engines
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(ms) + 1.5))
-    names = [m.get("model", m["name"]) for m in ms][::-1]
+    names = [m.get("model", m["name"]) + (f" [{_engine(m)}]" if m.get("body") else "") for m in ms][::-1]
     shared = [(m["group_bytes"].get("shared", 0) + m["group_bytes"].get("ffn", 0)) / MIB for m in ms][::-1]
     routed = [m["group_bytes"].get("routed", 0) / MIB for m in ms][::-1]
     ax.barh(names, shared, color="tab:gray", label="shared expert / dense FFN")
