@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..exporters.errors import MoteExportError, cli_entry
 from .bench_models import ModelSpec
+from ..exporters.errors import ArgumentParser
 
 MIB = 2 ** 20
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -413,7 +414,7 @@ def _chance(records: list[dict]) -> float | None:
 
 def parser() -> argparse.ArgumentParser:
     tiny = _assets()
-    p = argparse.ArgumentParser(prog="mote-bench --accuracy", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mote-bench --accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--mote", default=str(tiny / "mote"), help="MoTE checkpoint (default: the embedded tiny one)")
     p.add_argument("--moe-llava", default=str(tiny / "moe-llava"),
                    help="MoE-LLaVA checkpoint from the same dense model and data (default: the embedded tiny one)")

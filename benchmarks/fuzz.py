@@ -44,6 +44,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from ..exporters.errors import ArgumentParser
 
 READERS = ("gguf", "safetensors", "onnx", "image", "model")
 QUESTION = "What colour is the square?"
@@ -1423,7 +1424,7 @@ def _write(out: Path, a, results: list, kills: list) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mote_edge.benchmarks.fuzz", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m mote_edge.benchmarks.fuzz", description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=1000, help="cases per reader (default 1000)")
     p.add_argument("--reader", default="all", choices=READERS + ("all",))
     p.add_argument("-o", "--out", default="fuzz-out", help="folder for fuzz.json, fuzz.md, findings/")

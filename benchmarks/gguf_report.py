@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 import mote_edge  # empty __init__: no torch, so the decode child stays torch-free (its RSS is llama.cpp's)
+from ..exporters.errors import ArgumentParser
 
 TINY = Path(mote_edge.__file__).parent / "assets" / "tiny"
 BIN, GiB, MiB = Path(sys.executable).parent, 2 ** 30, 2 ** 20
@@ -290,7 +291,7 @@ def _walk(d: dict):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("all", "parity", "shapes"), default="all")
     p.add_argument("--out", default="bench-out/gguf_report", help="JSON report folder")
     p.add_argument("--cache", default="bench-out/ckpt", help="generated real-shape checkpoints (reused)")

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..exporters.errors import MoteExportError, cli_entry
+from ..exporters.errors import ArgumentParser
 
 FAMILIES: dict[str, Callable[[argparse.Namespace, list[str]], Iterable[dict]]] = {}
 MIB = 2 ** 20
@@ -321,7 +322,7 @@ def _int_list(s: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mote_edge.benchmarks.kernel_bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m mote_edge.benchmarks.kernel_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", required=True, help=f"kernel family: {', '.join(FAMILIES)}")
     p.add_argument("--shapes", default="0.5b", help=f"{', '.join(SHAPES)} or NxK, comma-separated (default 0.5b)")
     p.add_argument("--types", default="f16,bf16,q8_0,q4_0", help="weight types (float family; also f32)")

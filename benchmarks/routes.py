@@ -8,7 +8,6 @@ once per expert among its top-k, so a layer's shares sum to top_k). The table go
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..exporters.errors import MoteExportError, cli_entry
+from ..exporters.errors import ArgumentParser
 
 KINDS = ("image", "text")
 
@@ -30,13 +30,34 @@ def read_routes(path: str | Path) -> dict:
         raise MoteExportError(f"{path}: not a routes JSON file ({exc})") from None
     if not isinstance(r, dict) or r.get("format") != "mote-routes/1" or not isinstance(r.get("layers"), dict):
         raise MoteExportError(f"{path}: not a mote-routes/1 file (written by mote-run --routes)")
-    n, e = len(r["kinds"]), int(r["experts"])
+    kinds, e, k = r.get("kinds"), r.get("experts"), r.get("top_k")
+    if not isinstance(kinds, list) or not all(kind in KINDS for kind in kinds):
+        raise MoteExportError(f"{path}: 'kinds' must be a list of {' / '.join(KINDS)}, one per token")
+    if not (type(e) is int and type(k) is int and 1 <= k <= e):
+        raise MoteExportError(f"{path}: 'experts' and 'top_k' must be whole numbers, 1 <= top_k <= experts "
+                              f"(got experts={e!r}, top_k={k!r})")
     for layer, choices in r["layers"].items():
-        c = np.asarray(choices)
-        if c.shape != (n, int(r["top_k"])) or c.size and (c.min() < 0 or c.max() >= e):
-            raise MoteExportError(f"{path}: layer {layer} holds choices of shape {list(c.shape)}; expected {n} tokens x "
-                                  f"top-{r['top_k']} ids below {e}")
+        try:
+            c = np.asarray(choices, dtype=np.int64)
+        except (ValueError, TypeError, OverflowError):  # ragged lists, words, floats too big for an id
+            c = None
+        if c is None or not layer.isdigit() or c.shape != (len(kinds), k):
+            shape = "a ragged or non-integer list" if c is None else f"choices of shape {list(c.shape)}"
+            raise MoteExportError(f"{path}: layer {layer!r} holds {shape}; expected a layer number with "
+                                  f"{len(kinds)} tokens x top-{k} expert ids")
+        if c.size and (c.min() < 0 or c.max() >= e):
+            raise MoteExportError(f"{path}: layer {layer} chose expert {int(c.max() if c.max() >= e else c.min())}; "
+                                  f"expected ids below {e} ({e} experts)")
     return r
+
+
+def check_output(out: Path) -> None:
+    """The plot's path, checked before anything is drawn: a file name in an existing folder."""
+    if not out.parent.is_dir():
+        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise MoteExportError(f"-o {str(out)!r}: {str(out.parent)!r} {what}")
+    if out.is_dir():
+        raise MoteExportError(f"-o {str(out)!r} is a folder; give a file name like routes.png")
 
 
 def expert_load(r: dict) -> dict:
@@ -79,17 +100,21 @@ def plot(load: dict, r: dict, out: Path) -> None:
     axes[0][0].set_ylabel(f"share of tokens (top-{r['top_k']})")
     axes[0][-1].legend()
     n_img = sum(k == "image" for k in r["kinds"])
-    fig.suptitle(f"expert load per layer: {n_img} image / {len(r['kinds']) - n_img} text tokens ({r['variant']})")
+    variant = r.get("variant", "variant not recorded")
+    fig.suptitle(f"expert load per layer: {n_img} image / {len(r['kinds']) - n_img} text tokens ({variant})")
     fig.tight_layout()
     tmp = out.with_name(out.stem + ".part" + out.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:  # a failed write (disk full) leaves no partial plot behind
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-routes", description="Plot per-layer expert load of image vs text tokens "
+    p = ArgumentParser(prog="mote-routes", description="Plot per-layer expert load of image vs text tokens "
                                                                 "from mote-run --routes.")
     p.add_argument("routes", help="the JSON written by mote-run --engine mote --routes")
     p.add_argument("-o", "--output", default=None, help="the plot (PNG); default: <routes>.png")
@@ -99,6 +124,7 @@ def main(argv=None):
         raise MoteExportError(f"{a.routes}: no MoE layer recorded any token")
     load = expert_load(r)
     out = Path(a.output) if a.output else Path(a.routes).with_suffix(".png")
+    check_output(out)
     plot(load, r, out)
     print(table(load))
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ MoTE: 4 ternary experts, top-1, + frozen shared expert.  MoE-LLaVA: 4 fp experts
 """
 from __future__ import annotations
 
-import argparse, copy, gc, json, os, platform, resource, statistics, time
+import copy, gc, json, os, platform, resource, statistics, time
 
 import torch
 import transformers
@@ -21,6 +21,7 @@ from mote_edge.model import apply_mote_
 from mote_edge.moe import moe_blocks
 from mote_edge.tiny import TEXT, VISION, dense_config
 from mote_edge.train import TrainConfig, param_groups, set_trainable
+from ..exporters.errors import ArgumentParser
 
 # Qwen2.5-0.5B text widths are real. The vision tower is a REDUCED SigLIP (so400m: width 1152, 27
 # layers, 729 tokens) because it is frozen in the moe stage, identical in both variants, and would
@@ -129,7 +130,7 @@ def table(r: dict) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=[*SHAPES, "all"], default="tiny")
     p.add_argument("--num-layers", type=int, default=None, help="decoder depth (default 4; 0.5B has 24)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 tiny, 2 qwen2.5-0.5b")

@@ -26,7 +26,6 @@ compiling); torch 2.11 + triton 3.6.0 and torch 2.13 + triton 3.7.1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -51,6 +50,7 @@ if __name__ == "__main__" and not __package__:
     __package__ = "mote_edge.cuda_kernels"
 
 from ..exporters.errors import MoteExportError, cli_entry
+from ..exporters.errors import ArgumentParser
 
 MODELS = {"qwen2.5-1.5b": (1536, 8960), "qwen2.5-3b": (2048, 11008)}  # hidden, ffn
 TINY_MODELS = {"tiny": (64, 96)}
@@ -696,7 +696,7 @@ def _environment(interpret: bool):
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mote_edge.cuda_kernels.device_check",
+    p = ArgumentParser(prog="python -m mote_edge.cuda_kernels.device_check",
                                 description=__doc__.split("\n")[0])
     p.add_argument("-o", "--out", required=True, help="folder for device_check.json and device_check.md")
     p.add_argument("--interpret", action="store_true",

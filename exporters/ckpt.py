@@ -54,6 +54,9 @@ def read_config(ckpt_dir: str | Path) -> dict:
     return cfg
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
 class Weights(SafetensorsFile):
     """model.safetensors of a checkpoint, addressed by names inside the language model."""
 
@@ -68,6 +71,13 @@ class Weights(SafetensorsFile):
         if self._prefix is None:
             raise MoteExportError(f"{path}: no language-model embedding "
                                   f"({' or '.join(p + 'embed_tokens.weight' for p in _LM_PREFIXES)})")
+
+    def get(self, name: str) -> np.ndarray:
+        """A weight of the checkpoint: float tensors only (an integer tensor here is a corrupt or foreign file)."""
+        dtype = self._entries[name]["dtype"] if name in self._entries else None
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise MoteExportError(f"{self.path}: tensor {name!r} is {dtype}; accepted: {', '.join(FLOAT_DTYPES)}")
+        return super().get(name)
 
     def lm_name(self, suffix: str) -> str:
         """Full name of `suffix` (e.g. 'layers.0.mlp.router.weight') inside the language model."""

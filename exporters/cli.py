@@ -7,17 +7,18 @@
 Writes model.gguf (the LLM: qwen2moe, or qwen2 for a dense checkpoint) and model-mmproj.gguf
 (the SigLIP tower and the MLP connector, for llama.cpp's mtmd).
 
-    mote-export CKPT_DIR --format onnx -o DIR [--onnx-kernels exact]
+    mote-export CKPT_DIR --format onnx -o DIR [--onnx-kernels exact] [--shared-type f32] [--other-type f32]
+                [--expert-type f32]
 
 writes the folder DIR for onnxruntime (exporters/onnx_folder.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from .errors import MoteExportError, cli_entry
+from .errors import ArgumentParser
 
 FORMATS = ("gguf", "onnx")
 
@@ -33,7 +34,7 @@ def main(argv=None):
     except ImportError as exc:
         raise MoteExportError(f"{exc.name} is not installed; it comes with the base install: pip install mote-edge") from None
     types = ", ".join(FLOAT_TYPES)
-    p = argparse.ArgumentParser(prog="mote-export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mote-export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt_dir", help="MoTE or MoE-LLaVA checkpoint folder (config.json + model.safetensors)")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. model.gguf (--format onnx: a new folder)")
     p.add_argument("--format", default="gguf", help="gguf (default: llama.cpp files) | onnx (a folder for onnxruntime: "
@@ -46,9 +47,12 @@ def main(argv=None):
                    "(default tq2_0: 2.0625 bpw; tq1_0: 1.6875; q2_0: 2.25, 64-weight blocks, which CUDA also runs). "
                    "All exact. Rows whose width the type's block (256 weights; q2_0: 64) does not divide fall back to "
                    "exact Q2_0 (widths a multiple of 64), else Q4_0 (of 32; 4.5 bpw), else F16; the summary reports each")
-    p.add_argument("--shared-type", default=None, help=f"shared expert, or a dense model's FFN (default f16): {types}")
-    p.add_argument("--other-type", default=None, help=f"embeddings, output and attention (default f16): {types}")
-    p.add_argument("--expert-type", default=None, help=f"MoE-LLaVA experts (default f16): {types}")
+    onnx_types = "; --format onnx: f32 (default) | f16 | q8_0 | q4_0 (GGUF's Q8_0 / Q4_0 numbers as MatMulNBits)"
+    p.add_argument("--shared-type", default=None, help=f"shared expert, or a dense model's FFN (default f16): {types}"
+                   + onnx_types)
+    p.add_argument("--other-type", default=None, help=f"embeddings, output and attention (default f16): {types}"
+                   + onnx_types + " (the embedding as GatherBlockQuantized)")
+    p.add_argument("--expert-type", default=None, help=f"MoE-LLaVA experts (default f16): {types}" + onnx_types)
     p.add_argument("--mmproj-type", default="f16", help="vision tower + connector weights (default f16)")
     p.add_argument("--no-mmproj", action="store_true", help="write only the LLM file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,12 +105,12 @@ def main(argv=None):
 
 def _onnx(a) -> None:
     """--format onnx: the export folder for onnxruntime (exporters/onnx_folder.py)."""
-    given = [flag for flag, v in (("--ternary-type", a.ternary_type), ("--shared-type", a.shared_type),
-                                  ("--other-type", a.other_type), ("--expert-type", a.expert_type),
-                                  ("--memory-budget", a.memory_budget), ("--budget-scope", a.budget_scope),
-                                  ("--no-mmproj", a.no_mmproj or None)) if v is not None]
+    given = [flag for flag, v in (("--ternary-type", a.ternary_type), ("--memory-budget", a.memory_budget),
+                                  ("--budget-scope", a.budget_scope), ("--no-mmproj", a.no_mmproj or None))
+             if v is not None]
     if given:
-        raise MoteExportError(f"{given[0]} is for --format gguf; --format onnx takes --onnx-kernels")
+        raise MoteExportError(f"{given[0]} is for --format gguf; --format onnx takes --onnx-kernels, --shared-type, "
+                              "--other-type and --expert-type")
     try:
         from .onnx_folder import format_summary, write_onnx_folder
         import onnx  # noqa: F401
@@ -114,5 +118,6 @@ def _onnx(a) -> None:
         raise MoteExportError(f"--format onnx needs {exc.name}, which this install lacks; "
                               "pip install 'mote-edge[onnx]'") from None
     summary = write_onnx_folder(Path(a.ckpt_dir), Path(a.output), kernels=a.onnx_kernels or "exact",
-                                progress=not a.quiet)
+                                shared_type=a.shared_type or "f32", other_type=a.other_type or "f32",
+                                expert_type=a.expert_type or "f32", progress=not a.quiet)
     print(format_summary(summary))

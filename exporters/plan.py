@@ -38,6 +38,7 @@ from gguf import GGMLQuantizationType as T
 from .errors import MoteExportError
 from .ternary import Q2_0, TERNARY_TYPES
 from .units import GIB, MIB, SIZE_HELP, human, parse_size
+from .errors import ArgumentParser
 
 LM = "model.language_model."
 
@@ -627,7 +628,7 @@ def format_plan(plan: Plan, preset: str | None = None, resident_line: str | None
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mote-plan", description="Memory plan of a MoTE / MoE-LLaVA GGUF export from a "
+    p = ArgumentParser(prog="mote-plan", description="Memory plan of a MoTE / MoE-LLaVA GGUF export from a "
                                 "config alone (no weights): bytes per tensor group in the real GGUF types and in "
                                 "the paper's convention. Sizes: GB = GiB = 2^30 bytes, as the MoTE paper's.")
     p.add_argument("config", nargs="?", help="config.json or a checkpoint folder (or use --preset)")

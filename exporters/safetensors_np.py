@@ -61,6 +61,13 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         for name, e in header.items():
             self._check_entry(name, e)
+        pos = 0  # as the safetensors library: the tensors tile the data, no overlap and no hole
+        for name, e in sorted(header.items(), key=lambda kv: tuple(int(o) for o in kv[1]["data_offsets"])):
+            begin, end = (int(o) for o in e["data_offsets"])
+            if begin != pos:
+                self._fail(f"{name!r} occupies bytes {begin}-{end} of the data, expected to start at {pos} "
+                           "(tensors overlap or leave a hole)")
+            pos = end
         return header
 
     def _check_entry(self, name: str, e) -> None:

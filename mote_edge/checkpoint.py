@@ -30,9 +30,12 @@ def read_config(ckpt_dir: str | os.PathLike) -> dict:
     if not cfg_path.is_file():
         raise MoteError(f"{str(d)!r} has no config.json; expected a Hugging Face checkpoint folder")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoteError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise MoteError(f"{cfg_path} holds a JSON {type(cfg).__name__}; expected an object (a Hugging Face config)")
+    return cfg
 
 
 def check_weights(ckpt_dir: Path) -> Path:
@@ -69,35 +72,60 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     check_weights(d)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we report missing/unexpected keys ourselves, as one line
-    try:
+    try:  # mismatched sizes are reported in `info` (transformers would raise a RuntimeError pointing at a log)
         model, info = MoTEForConditionalGeneration.from_pretrained(
-            str(d), dtype=dtype, output_loading_info=True, local_files_only=True)
+            str(d), dtype=dtype, output_loading_info=True, local_files_only=True, ignore_mismatched_sizes=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
-        summary = "; ".join(f"{k}: {sorted(v)[:3]}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
+        def show(key):  # mismatched entries are (name, shape in the file, shape config.json asks for)
+            if not isinstance(key, tuple):
+                return key
+            return f"{key[0]} {list(key[1])} in the file, {list(key[2])} by config.json"
+        summary = "; ".join(f"{k}: {[show(x) for x in sorted(v)[:3]]}{' ...' if len(v) > 3 else ''}"
+                            for k, v in problems.items())
         raise MoteError(f"{d}: weights do not match config.json ({summary})")
     model.eval()
     return model
 
 
+def check_output_folder(out: Path, nonempty_ok: bool = False) -> None:
+    """An output folder's path, checked before any work: its parent a folder, itself a folder (empty unless
+    nonempty_ok) or nothing yet. A path below a regular file is refused here, not when the first write fails."""
+    if not out.parent.is_dir():
+        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise MoteError(f"output folder's parent {str(out.parent)!r} {what}")
+    if out.exists() and not out.is_dir():
+        raise MoteError(f"output {str(out)!r} is a file, not a folder; choose a new path")
+    if out.exists() and any(out.iterdir()) and not nonempty_ok:
+        raise MoteError(f"output folder {str(out)!r} exists and is not empty; choose a new path or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling folder; rename it to `out_dir` only if the block succeeds."""
+    """Yield a temporary sibling folder; rename it to `out_dir` only if the block succeeds.
+
+    The temporary is named as the exporters name theirs (host and pid, exporters/gguf_file.py), so the
+    next writer of the same folder removes one a killed writer (SIGKILL, OOM kill) left behind; a killed
+    writer never leaves anything at `out_dir` itself."""
+    from safetensors import SafetensorError
+
+    from .exporters.gguf_file import remove_stale_temporaries, temporary_prefix, write_failed
+
     out = Path(out_dir)
-    if not out.parent.exists():
-        raise MoteError(f"output folder's parent {str(out.parent)!r} does not exist")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MoteError(f"output folder {str(out)!r} exists and is not empty; choose a new path or pass --overwrite")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output_folder(out, nonempty_ok=overwrite)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out), suffix=".tmp", dir=out.parent))
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # a full disk, a file-size limit: one error line
+            raise write_failed(out, exc) from None
         raise
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .errors import MoteError
 from .losses import IGNORE
+from .runtime_cpu.images import load_rgb
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -57,7 +58,7 @@ def encode_example(processor, record: dict, images_dir: Path) -> dict:
         path = images_dir / record["image"]
         if not path.is_file():
             raise MoteError(f"image {str(path)!r} named by record {record.get('id', '?')} does not exist")
-        image = Image.open(path).convert("RGB")
+        image = Image.fromarray(load_rgb(path, None))  # as the engines read it; a broken file is one error
     ids: list[int] = []
     labels: list[int] = []
     pixel_values = None

@@ -6,7 +6,6 @@ the same questions on the CPU through llama-cpp-python: accuracy, agreement, fil
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -17,6 +16,7 @@ from .evaluate import evaluate, format_accuracy
 from .synthetic import CHANCE_ACCURACY
 from .tiny import ASSETS
 from .tokenizer import normalize_answer
+from .exporters.errors import ArgumentParser
 
 
 def expert_summary(ckpt: Path) -> str:
@@ -55,7 +55,7 @@ def run_gguf(ckpt: Path, data: Path, limit: int | None, torch_answers: list[str]
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-demo", description="Answer held-out image questions with the tiny models.")
+    p = ArgumentParser(prog="mote-demo", description="Answer held-out image questions with the tiny models.")
     p.add_argument("--ckpt", action="append", type=Path, help="checkpoint folder(s); default: the embedded tiny dense and MoTE")
     p.add_argument("--data", type=Path, default=ASSETS / "data", help="folder with test.json and images/")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from .data import load_records, to_messages
 from .errors import MoteError, cli_entry
 from .tokenizer import normalize_answer
+from .exporters.errors import ArgumentParser
 
 
 def split_record(record: dict) -> tuple[list[dict], str]:
@@ -77,7 +77,7 @@ def format_accuracy(name: str, acc: dict) -> str:
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-eval", description="Exact-match accuracy on held-out questions.")
+    p = ArgumentParser(prog="mote-eval", description="Exact-match accuracy on held-out questions.")
     p.add_argument("ckpt_dir")
     p.add_argument("--data", required=True)
     p.add_argument("--images", required=True)

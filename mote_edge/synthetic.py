@@ -8,7 +8,6 @@ cannot beat ``CHANCE_ACCURACY``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+from .exporters.errors import ArgumentParser
 
 IMAGE_SIZE = 48
 CELL = IMAGE_SIZE // 2
@@ -218,7 +218,7 @@ def load_split(data_dir, split: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mote-make-data", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mote-make-data", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=6000)
     parser.add_argument("--val", type=int, default=300)

@@ -30,6 +30,7 @@ from .synthetic import CHANCE_ACCURACY, corpus_texts, make_dataset
 from .tokenizer import IMAGE_TOKEN, build_processor, train_tokenizer
 from .train import TrainConfig, train
 from .upcycle import upcycle
+from .exporters.errors import ArgumentParser
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
 RECIPE_FILE = "recipe.json"
@@ -302,7 +303,7 @@ OPTIONS = {"--train": "n_train", "--val": "n_val", "--test": "n_test",
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mote-make-tiny", description="Build the tiny dense and MoTE checkpoints. "
+    p = ArgumentParser(prog="mote-make-tiny", description="Build the tiny dense and MoTE checkpoints. "
                                 f"Defaults: the recipe of the embedded ones ({ASSETS / RECIPE_FILE}).")
     p.add_argument("work_dir")
     for flag, key in OPTIONS.items():

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -25,12 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import atomic_dir, load_model, save_model
+from .checkpoint import atomic_dir, check_output_folder, load_model, save_model
 from .data import ConversationDataset, collate, load_records
 from .errors import MoteError, cli_entry
 from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss
 from .moe import KERNELS, moe_blocks, set_kernels
 from .model import mote_config
+from .exporters.errors import ArgumentParser
 
 STAGES = ("dense", "moe")
 
@@ -134,7 +134,10 @@ def micro_batches(idx: list[int], rank: int, world: int, accum: int) -> list[lis
 # checkpoints (safetensors only: model, optimizer state; JSON for the rest)
 
 
-def save_training_state(model, opt, step: int, out: Path, side_files_from: Path) -> None:
+def save_training_state(model, opt, step: int, out: Path, side_files_from: Path, history: list) -> None:
+    """Model, optimizer state and the loss curve so far into the folder `out`, written into a temporary
+    sibling renamed when complete (atomic_dir): a run killed while writing leaves the previous complete
+    checkpoint as the latest, and its partial temporary is removed by the next writer (or at --resume)."""
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +147,8 @@ def save_training_state(model, opt, step: int, out: Path, side_files_from: Path)
         tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups,
+                                                            "history": history}))
 
 
 def load_training_state(opt, ckpt: Path) -> int:
@@ -160,8 +164,21 @@ def load_training_state(opt, ckpt: Path) -> int:
     return int(meta["step"])
 
 
+def checkpoint_history(ckpt: Path) -> list:
+    """The loss curve up to a checkpoint's step (empty for checkpoints written before it was recorded)."""
+    return list(json.loads((ckpt / "trainer_state.json").read_text()).get("history") or [])
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete checkpoint: only a finished write is renamed to step-N (atomic_dir); the partial
+    temporaries of a killed run (".step-N.<host>-<pid>.*.tmp") are removed here."""
+    from .exporters.gguf_file import remove_stale_temporaries
+
+    folder = out_dir / "checkpoints"
+    for p in folder.glob(".step-*.tmp") if folder.is_dir() else ():
+        remove_stale_temporaries(folder / p.name[1:].split(".")[0])
+    ckpts = sorted((p for p in folder.glob("step-*") if p.name.split("-")[1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
 
 
@@ -227,14 +244,33 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Options no run can use, refused before the model is loaded (the CLI's flags name them)."""
+    if cfg.stage not in STAGES:
+        raise MoteError(f"unknown stage {cfg.stage!r}; accepted: {', '.join(STAGES)}")
+    for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 0)):
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise MoteError(f"--{name.replace('_', '-')} must be at least {low} (got {value})")
+    if cfg.steps is None and not cfg.epochs > 0:
+        raise MoteError(f"--epochs must be > 0 (got {cfg.epochs})")
+    if not cfg.lr > 0:
+        raise MoteError(f"--lr must be > 0 (got {cfg.lr})")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise MoteError(f"--warmup-ratio must be in [0, 1] (got {cfg.warmup_ratio})")
+    for name in ("weight_decay", "balance_coef"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
+            raise MoteError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+
+
 def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: str | Path,
           cfg: TrainConfig, processor=None, progress: bool = True) -> dict:
     """Train and write the final checkpoint to out_dir. Returns a summary (losses, steps, time)."""
     from transformers import AutoProcessor
 
-    if cfg.stage not in STAGES:
-        raise MoteError(f"unknown stage {cfg.stage!r}; accepted: {', '.join(STAGES)}")
+    check_config(cfg)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    check_output_folder(out_dir, nonempty_ok=True)  # --resume continues in it; the final files replace theirs
     rank, world, device = setup_distributed()
     if cfg.fsdp and world < 2:
         raise MoteError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
@@ -261,10 +297,11 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(named, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     total = cfg.steps or max(1, int(cfg.epochs * len(dataset) // cfg.batch_size))
-    start = 0
+    start, earlier = 0, []  # earlier: the loss curve of the steps before a resumed run's start
     if cfg.resume and (last := latest_checkpoint(out_dir)) is not None:
         model.load_state_dict(load_model(last).state_dict())
         start = load_training_state(opt, last)
+        earlier = [h for h in checkpoint_history(last) if h["step"] <= start]
     blocks = moe_blocks(model)
     net = model
     if world > 1 and not cfg.fsdp:
@@ -309,7 +346,8 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
             bar.set_postfix(loss=f"{lm_val:.3f}", bal=f"{bal_val:.3f}",
                             tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", refresh=False)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                save_training_state(model, opt, step + 1, out_dir / "checkpoints" / f"step-{step + 1}", ckpt_dir)
+                save_training_state(model, opt, step + 1, out_dir / "checkpoints" / f"step-{step + 1}", ckpt_dir,
+                                    earlier + history)
         if world > 1:
             dist.barrier()
     elapsed = time.perf_counter() - t0
@@ -320,17 +358,17 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
             model.load_state_dict(state)
     if rank == 0:
         model.eval()
-        write_final(model, out_dir, ckpt_dir, history, cfg, elapsed)
+        write_final(model, out_dir, ckpt_dir, earlier + history, cfg, elapsed)  # the whole curve, resumed or not
     return {"history": history, "steps": total, "seconds": elapsed}
 
 
 def write_final(model, out_dir: Path, src: Path, history: list, cfg: TrainConfig, elapsed: float) -> None:
     """Final weights go to out_dir itself, replacing file by file so periodic checkpoints survive."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir.parent / f".{out_dir.name}.final", overwrite=True) as tmp:
         save_model(model, tmp, side_files_from=src)
         (tmp / "train_log.json").write_text(json.dumps(
             {"config": cfg.__dict__, "seconds": round(elapsed, 1), "history": history}, indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed write leaves no empty out_dir behind
     final = out_dir.parent / f".{out_dir.name}.final"
     for p in final.iterdir():
         os.replace(p, out_dir / p.name)
@@ -339,7 +377,7 @@ def write_final(model, out_dir: Path, src: Path, history: list, cfg: TrainConfig
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-train", description="Train a dense LLaVA or MoTE checkpoint.")
+    p = ArgumentParser(prog="mote-train", description="Train a dense LLaVA or MoTE checkpoint.")
     p.add_argument("ckpt_dir")
     p.add_argument("--data", required=True, help="LLaVA conversation JSON")
     p.add_argument("--images", required=True, help="image folder the records' 'image' paths are relative to")
@@ -363,17 +401,14 @@ def main(argv=None):
                    help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 instead of DDP")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.steps is not None and a.steps < 1:
-        raise MoteError(f"--steps must be at least 1 (got {a.steps})")
+    lr = a.lr if a.lr is not None else (1.5e-4 if a.stage == "moe" else 1e-3)  # --lr 0 is refused, not defaulted
     cfg = TrainConfig(stage=a.stage, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                      grad_accum=a.grad_accum, lr=a.lr or (1.5e-4 if a.stage == "moe" else 1e-3),
+                      grad_accum=a.grad_accum, lr=lr,
                       warmup_ratio=a.warmup_ratio,
                       weight_decay=a.weight_decay if a.weight_decay is not None else (0.1 if a.stage == "moe" else 0.0),
                       train_vision=a.train_vision, balance_coef=a.balance_coef, save_every=a.save_every,
                       resume=a.resume, compile=a.compile, seed=a.seed, kernels=a.kernels, fsdp=a.fsdp)
     out = Path(a.output)
-    if not out.parent.exists():
-        raise MoteError(f"output folder's parent {str(out.parent)!r} does not exist")
     summary = train(a.ckpt_dir, a.data, a.images, out, cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         h = summary["history"]

@@ -5,13 +5,13 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .checkpoint import atomic_dir, check_llava_qwen2, check_weights, load_model, read_config, save_model
 from .config import INITS, VARIANTS, MoTEConfig, parse_layers
 from .errors import MoteError, cli_entry
 from .model import apply_mote_
+from .exporters.errors import ArgumentParser
 
 
 def upcycle(base_dir: str | Path, out_dir: str | Path, experts: int = 4, top_k: int | None = None,
@@ -38,7 +38,7 @@ def upcycle(base_dir: str | Path, out_dir: str | Path, experts: int = 4, top_k: 
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mote-upcycle", description=__doc__.split("\n")[1])
+    p = ArgumentParser(prog="mote-upcycle", description=__doc__.split("\n")[1])
     p.add_argument("base_dir", help="dense LLaVA checkpoint folder (config.json + model.safetensors)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.add_argument("--experts", type=int, default=4, help="routed experts per MoE layer (default 4)")

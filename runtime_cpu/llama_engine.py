@@ -37,6 +37,26 @@ def _llama_cpp():
     return llama_cpp, MTMDChatHandler
 
 
+# llama-cpp-python's log callback maps ggml's levels by an old enum (NONE, INFO, WARN, ERROR, DEBUG; ggml.h now
+# has NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5), so with verbose=False it prints llama.cpp's warnings
+# (e.g. "n_ctx_seq > n_ctx_train") and hides its errors. This engine installs its own when not verbose: nothing
+# printed, warnings and errors kept, so a failed load's one error line can say what llama.cpp said.
+_GGML_LOG_WARN, _GGML_LOG_ERROR, _GGML_LOG_CONT = 3, 4, 5
+_logged: list[tuple[int, str]] = []  # (level, message) since the last load began
+_quiet_log = None  # the ctypes callback, referenced here for as long as llama.cpp may call it
+
+
+def _install_quiet_log(llama_cpp):
+    global _quiet_log
+    if _quiet_log is None:
+        @llama_cpp.llama_log_callback
+        def _quiet_log(level, text, user_data):
+            if _GGML_LOG_WARN <= level < _GGML_LOG_CONT and text.strip() and len(_logged) < 100:
+                _logged.append((level, text.decode("utf-8", "replace").strip()))
+    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    return _quiet_log
+
+
 def _handler_class():
     _, MTMDChatHandler = _llama_cpp()
 
@@ -93,13 +113,12 @@ def load(model_path: str | Path, mmproj: str | Path | None = None, n_ctx: int | 
     if n_ctx is None:
         n_ctx = default_n_ctx(read_gguf_header(model))
     handler = _handler_class()(clip_model_path=str(proj))
-    # mtmd logs every image and text chunk to stderr through its own logger; route it through
-    # llama-cpp-python's, which obeys verbose=False like the rest of llama.cpp.
+    # mtmd logs every image and text chunk to stderr through its own logger: route it to the quiet one
     from llama_cpp import mtmd_cpp
-    from llama_cpp._logger import llama_log_callback
 
-    mtmd_cpp.mtmd_log_set(llama_log_callback, None)
-    mtmd_cpp.mtmd_helper_log_set(llama_log_callback, None)
+    quiet = _install_quiet_log(llama_cpp)
+    mtmd_cpp.mtmd_log_set(quiet, None)
+    mtmd_cpp.mtmd_helper_log_set(quiet, None)
     return llama(model, chat_handler=handler, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
 
 
@@ -107,11 +126,18 @@ def llama(model_path: str | Path, **kwargs):
     """llama_cpp.Llama(model_path, verbose=False, **kwargs), loaded the way this engine always loads
     (see _no_extra_buffers_if_amx): every direct use of llama-cpp-python goes through here."""
     llama_cpp, _ = _llama_cpp()
+    kwargs = {"verbose": False} | kwargs
+    if not kwargs["verbose"]:
+        _install_quiet_log(llama_cpp)
+    _logged.clear()
     try:
         with _no_extra_buffers_if_amx(llama_cpp):
-            return llama_cpp.Llama(model_path=str(model_path), **({"verbose": False} | kwargs))
-    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise MoteExportError(f"llama.cpp could not load {model_path}: {exc}") from None
+            return llama_cpp.Llama(model_path=str(model_path), **kwargs)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file", "Failed to create llama_context"
+        # the first error says why (later ones say "failed to load model"); else the last warning
+        said = next((m for lvl, m in _logged if lvl == _GGML_LOG_ERROR), _logged[-1][1] if _logged else None)
+        said = f" (llama.cpp: {said[:300]})" if said else ""
+        raise MoteExportError(f"llama.cpp could not load {model_path}: {exc}{said}") from None
 
 
 @contextlib.contextmanager

@@ -80,6 +80,7 @@ class MoteModel(Answering):
         self.report = self._report()
         self.kinds: list[str] = []  # the latest prompt's token kinds (text / image)
         self.route_kinds: list[str] = []  # kinds of the tokens whose routes are being recorded
+        self.tracing = False  # route_kinds grows only while routes are traced (else a soak sees it as a leak)
 
     def _report(self) -> dict:
         loaders = [self.llm.loader] + ([self.vision.loader] if self.vision else [])
@@ -143,7 +144,7 @@ class MoteModel(Answering):
 
     def trace_routes(self, on: bool = True) -> None:
         """Record (on) or stop recording which experts every token chooses in every MoE layer."""
-        self.route_kinds = []
+        self.route_kinds, self.tracing = [], on
         for layer in self.llm.layers:
             if isinstance(layer.ffn, MoE) and layer.ffn.router is not None:
                 layer.ffn.trace = [] if on else None
@@ -168,10 +169,12 @@ class MoteModel(Answering):
         if len(h) >= self.n_ctx:
             raise MoteExportError(f"the prompt ({len(h)} tokens with the image) does not fit n_ctx {self.n_ctx}")
         logits = self.llm.forward(h, self.cache, 0)
-        self.route_kinds += self.kinds
+        if self.tracing:
+            self.route_kinds += self.kinds
 
         def feed(tok: int, pos: int):
-            self.route_kinds.append("text")
+            if self.tracing:
+                self.route_kinds.append("text")
             return self.llm.forward(self.llm.embed([tok]), self.cache, pos)
 
         yield from generate(logits, feed, lambda lg: sample(lg, temperature, top_k, top_p, rng), self.tokenizer,
@@ -206,7 +209,14 @@ class Engine:
 
     def __init__(self, model: Path, mmproj: Path, n_ctx: int | None = None, threads: int | None = None, seed: int = 0,
                  kernel: str = "auto", routes: str | None = None):
+        if routes is not None:  # checked before loading: it is written only after the answer
+            where = Path(routes)
+            if not where.parent.is_dir() or where.is_dir():
+                why = ("is a folder" if where.is_dir()
+                       else f"names a file in {str(where.parent)!r}, which is not a folder")
+                raise MoteExportError(f"--routes {str(routes)!r} {why}; give a file name like routes.json")
         self.model = MoteModel(model, mmproj, n_ctx=n_ctx, threads=threads, kernel=kernel)
+        self.reported = False
         self.routes_path = routes
         if routes is not None:
             if self.model.llm.c.variant == "dense":
@@ -220,7 +230,9 @@ class Engine:
         tokens = self.model.stream(image, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    seed=seed)
         first = next(tokens)
-        print(self.model.format_report(), file=sys.stderr)
+        if not self.reported:  # once per loaded model, not per question
+            print(self.model.format_report(), file=sys.stderr)
+            self.reported = True
         yield first
         yield from tokens
         if self.routes_path is not None:

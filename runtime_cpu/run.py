@@ -30,6 +30,7 @@ from ..exporters.errors import MoteExportError, cli_entry
 from ..exporters.gguf_file import mmproj_path
 from ..exporters.units import SIZE_HELP, human, parse_size
 from .memory import peak_rss_mib
+from ..exporters.errors import ArgumentParser
 
 # engine name -> module (imported only when chosen, so one engine's missing library never stops another;
 # the cuda engine lives with the GPU kernels and needs torch + triton, which this front never imports)
@@ -59,7 +60,7 @@ def check_memory(engine, model: Path, mmproj: Path, n_ctx: int | None, limit_tex
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mote-run", description="Answer a question about an image with exported "
+    p = ArgumentParser(prog="mote-run", description="Answer a question about an image with exported "
                                 "files (the LLM GGUF and its -mmproj.gguf) on this machine.")
     p.add_argument("model", help="the LLM file written by mote-export, e.g. model.gguf (--engine onnxruntime: "
                    "the folder written by mote-export --format onnx)")
@@ -100,7 +101,8 @@ def _check_args(a) -> None:
     if not 0 < a.top_p <= 1:
         raise MoteExportError("--top-p must be in (0, 1]")
     if not Path(a.image).is_file():
-        raise MoteExportError(f"image {a.image!r} does not exist")
+        raise MoteExportError(f"image {a.image!r} is a folder, not an image file" if Path(a.image).is_dir()
+                              else f"image {a.image!r} does not exist")
 
 
 @cli_entry

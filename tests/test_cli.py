@@ -70,7 +70,7 @@ def test_upcycle_bad_input(case, args, message, dense_ckpt, tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.tmp-*")), "no half-written temporary folder left behind"
+    assert not list(tmp_path.glob(".out.*.tmp")), "no half-written temporary folder left behind"
 
 
 def test_upcycle_refuses_existing_output_and_moe_input(dense_ckpt, mote_ckpt, tmp_path, capsys):
