@@ -270,11 +270,12 @@ def measure_model(a: dict) -> dict:
             "rounds": rounds, "load_average_at_start": load_average_at_start, "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-def _child_main(argv: list[str]) -> None:
+def child_main(measure, argv: list[str]) -> None:
+    """A model child of mote-bench: `python -m MODULE ARGS.json OUT.json` runs measure(args) into OUT.json."""
     args_path, out_path = argv
-    result = measure_model(json.loads(Path(args_path).read_text()))
-    Path(out_path).write_text(json.dumps(result))
+    result = measure(json.loads(Path(args_path).read_text()))
+    Path(out_path).write_text(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    child_main(measure_model, sys.argv[1:])

@@ -12,11 +12,9 @@ decode step: `image_decode_s` is None. Alone in its process, its peak RSS (VmHWM
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -88,11 +86,7 @@ def measure_model(a: dict) -> dict:
             "engine_report": m.report}
 
 
-def _child_main(argv: list[str]) -> None:
-    args_path, out_path = argv
-    result = measure_model(json.loads(Path(args_path).read_text()))
-    Path(out_path).write_text(json.dumps(result, default=str))
-
-
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    from mote_edge.benchmarks.bench_measure import child_main
+
+    child_main(measure_model, sys.argv[1:])

@@ -294,11 +294,7 @@ def measure_model(a: dict) -> dict:
     return result
 
 
-def _child_main(argv: list[str]) -> None:
-    args_path, out_path = argv
-    result = measure_model(json.loads(Path(args_path).read_text()))
-    Path(out_path).write_text(json.dumps(result))
-
-
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    from mote_edge.benchmarks.bench_measure import child_main
+
+    child_main(measure_model, sys.argv[1:])

@@ -327,26 +327,22 @@ def dequantize_nbits(b: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np
 RUNTIME_DOMAINS = ("", "ai.onnx", MS_DOMAIN)  # op sets runtimes implement (com.microsoft: onnxruntime's)
 
 
+def graph_nodes(g: onnx.GraphProto):
+    """Every node of a graph, those of its subgraphs (If / Loop branches) included, depth first."""
+    for nd in g.node:
+        yield nd
+        for a in nd.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from graph_nodes(a.g)
+            for sg in a.graphs:
+                yield from graph_nodes(sg)
+
+
 def functions_used(model: onnx.ModelProto) -> set[tuple[str, str]]:
     """(domain, op_type) of every custom-domain node in the model (not an ONNX or onnxruntime op), subgraphs
     and function bodies included: each must have its FunctionProto in model.functions."""
-    found = set()
-
-    def walk(g):
-        for nd in g.node:
-            if nd.domain not in RUNTIME_DOMAINS:
-                found.add((nd.domain, nd.op_type))
-            for a in nd.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-    walk(model.graph)
-    for fn in model.functions:
-        for nd in fn.node:
-            if nd.domain not in RUNTIME_DOMAINS:
-                found.add((nd.domain, nd.op_type))
-    return found
+    nodes = [*graph_nodes(model.graph), *(nd for fn in model.functions for nd in fn.node)]
+    return {(nd.domain, nd.op_type) for nd in nodes if nd.domain not in RUNTIME_DOMAINS}
 
 
 def loaded_bytes(model: onnx.ModelProto) -> int:
@@ -354,17 +350,9 @@ def loaded_bytes(model: onnx.ModelProto) -> int:
     Cast to float is folded into an fp32 copy (twice its bytes), and kept as well if another node reads it
     (the fp16 embedding rows); everything else as stored. The engine's memory plan counts this."""
     consumers: dict[str, list] = {}
-
-    def walk(g):
-        for nd in g.node:
-            for name in nd.input:
-                consumers.setdefault(name, []).append(nd)
-            for a in nd.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                for sg in a.graphs:
-                    walk(sg)
-    walk(model.graph)
+    for nd in graph_nodes(model.graph):
+        for name in nd.input:
+            consumers.setdefault(name, []).append(nd)
     total = 0
     for t in model.graph.initializer:
         size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize

@@ -68,6 +68,9 @@ def test_the_checks_fail_on_a_leak_a_descriptor_and_a_changed_answer():
     assert not a["checks"]["rss"] and a["rss_growth_pct"] > 1.0 and a["checks"]["fds"]
     fd = _run([100 << 20] * (n + 1), [10] * (n - 1) + [11, 11], ["red"] * n)
     assert soak.analyse(fd, {}, 1.0)["checks"] == {"rss": True, "fds": False, "answers": True}
+    blip = _run([100 << 20] * (n + 1), [10] * (n - 2) + [14, 10, 10], ["red"] * n)  # opened, closed again
+    a = soak.analyse(blip, {}, 1.0)
+    assert a["checks"]["fds"] and a["fd_transient_max"] == 4 and a["fd_growth"] == 0
     changed = soak.analyse(steady, {0: "red", 10: "blue"}, 1.0)
     assert not changed["pass"] and changed["mismatches"] == [{"question": 10, "soaked": "red", "fresh": "blue"}]
     assert any(line.startswith("FAIL mote:") for line in soak.verdict_lines("mote", changed))
