@@ -688,7 +688,8 @@ def apply_onnx(L: OnnxLayout, plan) -> dict:
                 continue
             b = bytearray(cur(name))
             if how == "flip":
-                b[int(frac * len(b))] ^= x
+                if b:  # an earlier truncation may have left nothing to flip
+                    b[int(frac * len(b))] ^= x
             else:
                 b = b[:int(frac * len(b))]
             out[name] = bytes(b)

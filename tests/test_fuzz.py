@@ -183,3 +183,14 @@ def test_a_graph_that_loads_but_does_not_run_is_one_error_line(fuzzer, worker, t
     plan = [("proto", "embedding.onnx", "input_dims", 386, 2829)]
     res = _run(fuzzer, worker, "onnx", plan, tmp_path)
     assert res["outcome"] == "rejected" and "could not run embedding.onnx" in res["message"], res
+
+
+def test_onnx_mutation_flip_after_truncation_to_nothing():
+    """A plan that truncates decoder.onnx to 0 bytes and then flips a byte of it (a case the fuzz program drew)
+    leaves the empty file, rather than failing in the harness."""
+    from types import SimpleNamespace
+
+    L = SimpleNamespace(files={"decoder.onnx": b"\x08\x07onnx-bytes"})
+    plan = [("protoraw", "decoder.onnx", "truncate", 1e-9, 53), ("protoraw", "decoder.onnx", "flip", 0.05, 122)]
+    assert fuzz.apply_onnx(L, plan) == {"decoder.onnx": b""}
+    assert fuzz.apply_onnx(L, plan[1:]) == {"decoder.onnx": bytes([0x08 ^ 122]) + b"\x07onnx-bytes"}
