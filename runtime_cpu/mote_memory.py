@@ -108,6 +108,9 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
             widest_k = max(widest_k, t.dims[0])
             if "ffn" in name:
                 widest_ffn = max(widest_ffn, t.dims[0], t.dims[1])
+        if role == "ternary" and len(t.dims) != 3:
+            raise MoteExportError(f"{name}: {len(t.dims)} dimensions {list(t.dims)}; routed experts are "
+                                  "[K, rows, experts] (3 dimensions)")
         matrix = t.dims[0] * (t.dims[1] if len(t.dims) > 1 else 1)
         if role == "ternary" and kernel != "numpy":  # C kernels: TQ2_0 in place, others as 2-bit codes
             rows, k = numel // t.dims[0], t.dims[0]

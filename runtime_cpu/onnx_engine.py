@@ -51,6 +51,16 @@ def _run(session, what: str, feed: dict) -> list:
                               "mote-export --format onnx") from None
 
 
+def _shaped(a, shape: tuple, what: str) -> np.ndarray:
+    """An output of a graph that ran, checked against the shape the engine reads (None: any size): a graph whose
+    attributes were changed may run and give another shape, which would fail later as an IndexError."""
+    if not isinstance(a, np.ndarray) or a.ndim != len(shape) or any(w is not None and d != w for d, w in zip(a.shape, shape)):
+        got = list(getattr(a, "shape", []))
+        raise MoteExportError(f"{what} gave an output of shape {got}; expected {[d if d is not None else 'N' for d in shape]}; "
+                              "export the folder again with mote-export --format onnx")
+    return a
+
+
 def resolve_inputs(model_arg: str | Path, mmproj_arg: str | Path | None) -> tuple[Path, None]:
     """The export folder mote-run was pointed at (the folder, or any file inside it), checked."""
     if mmproj_arg is not None:
@@ -172,6 +182,7 @@ class Session:
         files = DEFAULT_FILES | (info.get("files") or {})
         self.n_ctx = n_ctx or default_n_ctx(cfg)
         self.layers, self.hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+        self.vocab = int(cfg["vocab_size"])
         heads = int(cfg["num_attention_heads"])
         self.kv_heads, self.head_dim = int(cfg.get("num_key_value_heads") or heads), self.hidden // heads
         self.image_size, self.n_image = int(info["image_size"]), int(info["image_seq_length"])
@@ -225,7 +236,8 @@ class Session:
 
     def image_features(self, image: str | Path) -> np.ndarray:
         pix = pixel_values(image, self.proc, self.image_size)
-        return _run(self.sessions["vision"], "vision.onnx", {"pixel_values": pix})[0]
+        return _shaped(_run(self.sessions["vision"], "vision.onnx", {"pixel_values": pix})[0], (None, self.hidden),
+                       "vision.onnx (image features)")
 
     def _empty_past(self) -> list[np.ndarray]:
         z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
@@ -236,7 +248,12 @@ class Session:
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         out = _run(self.sessions["decoder"], "decoder.onnx", feed)
-        return out[0], out[1:]
+        if len(out) != 1 + 2 * self.layers:
+            raise MoteExportError(f"decoder.onnx gave {len(out)} outputs; expected logits and {2 * self.layers} KV "
+                                  "tensors; export the folder again with mote-export --format onnx")
+        kv = (1, self.kv_heads, total, self.head_dim)
+        return (_shaped(out[0], (1, None, self.vocab), "decoder.onnx (logits)"),
+                [_shaped(t, kv, "decoder.onnx (present key / value)") for t in out[1:]])
 
     def prefill(self, ids: list[int], feats: np.ndarray) -> tuple[np.ndarray, list]:
         """One decoder call over a whole prompt (embedding.onnx puts `feats` in place of its image tokens): the
@@ -244,8 +261,9 @@ class Session:
         if feats.shape[0] != ids.count(self.image_token_id):
             raise MoteExportError(f"vision.onnx gave {feats.shape[0]} image features for "
                                   f"{ids.count(self.image_token_id)} image tokens")
-        embeds = _run(self.sessions["embedding"], "embedding.onnx", {"input_ids": np.asarray([ids], np.int64),
-                                                                     "image_features": feats})[0]
+        embeds = _shaped(_run(self.sessions["embedding"], "embedding.onnx", {"input_ids": np.asarray([ids], np.int64),
+                                                                             "image_features": feats})[0],
+                         (1, len(ids), self.hidden), "embedding.onnx (inputs_embeds)")
         return self._decode(self._empty_past(), len(ids), np.arange(len(ids), dtype=np.int64), inputs_embeds=embeds,
                             input_ids=np.zeros((1, 0), np.int64), logits_to_keep=np.array(1, np.int64))
 

@@ -52,6 +52,12 @@ class GGUFTokenizer:
         tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
         self.tok, self.tokens = tok, tokens
         self.special = set(control)
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                    "tokenizer.ggml.eom_token_id"):
+            v = g.fields.get(key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)):
+                raise MoteExportError(f"{g.path}: {key} is {v!r}; expected a token id below the vocabulary's "
+                                      f"{len(tokens)}")
         self.eos = g.fields.get("tokenizer.ggml.eos_token_id")
         eog = {g.fields.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                          "tokenizer.ggml.eom_token_id")}

@@ -194,3 +194,26 @@ def test_onnx_mutation_flip_after_truncation_to_nothing():
     plan = [("protoraw", "decoder.onnx", "truncate", 1e-9, 53), ("protoraw", "decoder.onnx", "flip", 0.05, 122)]
     assert fuzz.apply_onnx(L, plan) == {"decoder.onnx": b""}
     assert fuzz.apply_onnx(L, plan[1:]) == {"decoder.onnx": bytes([0x08 ^ 122]) + b"\x07onnx-bytes"}
+
+
+def test_a_graph_that_runs_with_the_wrong_output_shape_is_one_error_line(fuzzer, worker, tmp_path):
+    """onnx_engine._shaped: decoder.onnx with an int attribute changed (a case the fuzz program drew, seed 16)
+    loads and runs but gives logits of another rank; one line naming the graph, not an IndexError."""
+    plan = [("remove", "genai_processor_config.json"), ("proto", "decoder.onnx", "attr_int", 3957, 1000000),
+            ("proto", "vision.onnx", "attr_int", 1000000, 273)]
+    res = _run(fuzzer, worker, "onnx", plan, tmp_path)
+    assert res["outcome"] == "rejected" and "decoder.onnx" in res["message"], res
+
+
+@pytest.mark.parametrize("plan, says", [
+    # mote_memory.plan_resident: a routed-expert tensor's dims rewritten to fewer than 3 (IndexError)
+    ((("llm", ([("u64", 10039, ("rel", "*2")), ("u64", 12233, ("abs", 4294967295)), ("offset", 54, 5, 4096)],
+               ("truncate", 460928, 0))), "mad"), "routed experts are"),
+    # tokenize.GGUFTokenizer: a special token id past the vocabulary (IndexError)
+    ((("llm", ([("scalar", 22, 32768), ("scalar", 22, 32768), ("u32", 11855, ("rel", "*2"))], None)), "mad"),
+     "expected a token id"),
+], ids=["expert dims", "token id"])
+def test_fixed_model_findings_are_one_error_line(plan, says, fuzzer, worker, tmp_path):
+    """Two cases the fuzz program drew (seed 16, reader model) that raised IndexError: now one error line."""
+    res = _run(fuzzer, worker, "model", plan, tmp_path)
+    assert res["outcome"] == "rejected" and says in res["message"], res
