@@ -29,10 +29,12 @@ a few kill trials.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import select
 import shutil
@@ -75,6 +77,14 @@ class Corpus:
 
     def files(self) -> dict:
         return {"llm": self.llm, "mmproj": self.mmproj, "onnx": self.onnx, "safetensors": self.safetensors}
+
+    def to_json(self) -> dict:
+        d = {k: str(v) for k, v in dataclasses.asdict(self).items() if k != "images"}
+        return dict(d, images=[[n, str(p)] for n, p in self.images])
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Corpus":
+        return cls(**{k: Path(v) for k, v in d.items() if k != "images"}, images=[(n, Path(p)) for n, p in d["images"]])
 
 
 def make_corpus(root: str | Path, ckpt: str | Path | None = None) -> Corpus:
@@ -410,7 +420,7 @@ def st_plans(L: STLayout):
                      st.tuples(st.just([]), raw_ops))
 
 
-def apply_st(L: STLayout, plan) -> bytes:
+def apply_st(L: STLayout, plan) -> bytearray:
     json_ops, raw = plan
     h = json.loads(json.dumps(L.header))  # a deep copy, in file order
     lits = []
@@ -467,9 +477,10 @@ def apply_st(L: STLayout, plan) -> bytes:
         head = raw[1]
     head += b" " * (-len(head) % 8)
     n = len(head)
-    out = bytearray(n.to_bytes(8, "little") + head + L.data)
+    out = bytearray(8 + n + len(L.data))  # one copy of the data block (the file is 18 MB; this is the case's cost)
+    out[:8], out[8:8 + n], out[8 + n:] = n.to_bytes(8, "little"), head, L.data
     if raw is None or raw[0] in ("nonutf8", "nest", "garbage"):
-        return bytes(out)
+        return out
     kind = raw[0]
     if kind == "hlen":
         v = raw[1]
@@ -480,8 +491,8 @@ def apply_st(L: STLayout, plan) -> bytes:
             out[raw[1]] ^= raw[2]
     elif kind == "truncate":
         cut = raw[1] + raw[2] + (n - L.n if raw[1] > 8 else 0)  # boundaries move with the new header length
-        return bytes(out[:max(0, cut)])
-    return bytes(out)
+        del out[max(0, cut):]
+    return out
 
 
 # ============================================================================================================
@@ -994,6 +1005,30 @@ def run_one(case: dict) -> dict:
     return res
 
 
+_FUZZERS: dict = {}  # corpus root -> Fuzzer, made once per worker
+
+
+def build_request(fz: "Fuzzer", reader: str, plan, d: Path, timeout: float) -> dict:
+    """A case the worker writes itself: the driver only draws plans, so building (copying and mutating
+    files of megabytes) runs on every job, not in the one driver process."""
+    plan_b = base64.b64encode(pickle.dumps(plan)).decode()
+    return {"build": {"corpus": fz.c.to_json(), "reader": reader, "plan": plan_b, "dir": str(d)}, "timeout": timeout}
+
+
+def materialise(msg: dict) -> dict:
+    """The worker's side of build_request (a plain case passes through); a re-run starts from an empty dir."""
+    b = msg.get("build")
+    if b is None:
+        return msg
+    root = b["corpus"]["root"]
+    if root not in _FUZZERS:
+        _FUZZERS[root] = Fuzzer(Corpus.from_json(b["corpus"]))
+    d = Path(b["dir"])
+    shutil.rmtree(d, ignore_errors=True)
+    case = _FUZZERS[root].build(b["reader"], pickle.loads(base64.b64decode(b["plan"])), d)
+    return dict(case, timeout=msg.get("timeout"))
+
+
 def worker_main(memory_mb: int) -> None:
     import faulthandler
     import gc
@@ -1018,7 +1053,13 @@ def worker_main(memory_mb: int) -> None:
     out.write("ready\n")
     out.flush()
     for line in sys.stdin:
-        res = run_one(json.loads(line))
+        try:
+            case = materialise(json.loads(line))
+        except Exception as exc:  # noqa: BLE001 - the harness's own failure is a finding too, not a dead worker
+            res = {"outcome": "error", "type": f"harness {type(exc).__name__}", "message": str(exc)[:500],
+                   "frames": _frames(sys.exc_info()[2])}
+        else:
+            res = dict(run_one(case), case=case)
         gc.collect()
         out.write(json.dumps(res) + "\n")
         out.flush()
@@ -1274,6 +1315,7 @@ def message_class(msg: str, root: str) -> str:
     m = re.sub(r"\[[^\]]*\]", "[..]", m)
     m = re.sub(r"\{[^}]*\}", "{..}", m)
     m = re.sub(r"(not a readable GGUF file|cannot read image <s>) \((\w+)[^)]*\)", r"\1 (\2 ..)", m)
+    m = re.sub(r"\b0x[0-9a-fA-F]+\b", "0xN", m)  # the byte a decoder stopped at
     m = _NUM.sub("N", m)
     return m[:130]
 
@@ -1345,7 +1387,7 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
         res = w.finish(10)
         if res["outcome"] == "hang":  # once more, alone, with twice the time: a loaded machine is not a hang
             res = w.run(case, 2 * timeout)
-        stats.add(res, case, d, plan)
+        stats.add(res, res.pop("case", case), d, plan)
         shutil.rmtree(d, ignore_errors=True)
         bar.update(1)
 
@@ -1374,7 +1416,7 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
         w = next(x for x in workers if x not in pending)
         n[0] += 1
         d = work / f"{reader}-{n[0]}"
-        case = fz.build(reader, plan, d)
+        case = build_request(fz, reader, plan, d, timeout)
         w.start(case, timeout)
         pending[w] = (case, d, plan)
 

@@ -217,3 +217,20 @@ def test_fixed_model_findings_are_one_error_line(plan, says, fuzzer, worker, tmp
     """Two cases the fuzz program drew (seed 16, reader model) that raised IndexError: now one error line."""
     res = _run(fuzzer, worker, "model", plan, tmp_path)
     assert res["outcome"] == "rejected" and says in res["message"], res
+
+
+def test_a_case_built_by_the_worker_equals_one_built_by_the_driver(fuzzer, worker, tmp_path):
+    """The long run sends plans and the worker writes the files (build_request): the same plan gives the same
+    files and the same outcome either way, and a plan the harness cannot apply is a finding, not a dead worker."""
+    plan = ("llm", ([], ("truncate", fuzzer.llm_layout.boundaries[3], 0)))
+    driver = _run(fuzzer, worker, "gguf", plan, tmp_path)
+    d = tmp_path / "by-worker"
+    res = worker.run(fuzz.build_request(fuzzer, "gguf", plan, d, 20), 20)
+    assert res["outcome"] == driver["outcome"] == "rejected", (res, driver)
+    assert res["case"]["path"] == str(d / "model.gguf")
+    assert Path(res["message"].split()[0]).name == Path(driver["message"].split()[0]).name == "model.gguf"
+    assert res["message"].split(maxsplit=1)[1] == driver["message"].split(maxsplit=1)[1], (res, driver)
+    assert (d / "model.gguf").read_bytes() == fuzz.apply_gguf(fuzzer.llm_bytes, fuzzer.llm_layout, plan[1])
+    bad = worker.run(fuzz.build_request(fuzzer, "gguf", ("llm", "not a plan"), tmp_path / "bad", 20), 20)
+    assert bad["outcome"] == "error" and bad["type"].startswith("harness"), bad
+    assert worker.run(fuzz.build_request(fuzzer, "gguf", plan, d, 20), 20)["outcome"] == "rejected"  # still serving
