@@ -16,6 +16,7 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from mote_edge.config import MoTEConfig
+from mote_edge.cpu_alloc import keep_freed_memory
 from mote_edge.losses import IGNORE, lm_loss_sum, load_balance_loss
 from mote_edge.model import apply_mote_
 from mote_edge.moe import moe_blocks
@@ -140,13 +141,17 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the JSON result here")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory, as mote-train does on CPU (mote_edge/cpu_alloc.py)")
     a = p.parse_args()
+    if a.malloc == "keep":
+        keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     shapes = list(SHAPES) if a.shape == "all" else [a.shape]
     with open("/proc/cpuinfo") as f:
         cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "malloc": a.malloc,
                "torch": torch.__version__, "transformers": transformers.__version__, "dtype": "float32"}
     print(f"machine: {machine}")
     total = sum((a.warmup + (a.repeats or SHAPES[s][4])) * 2 for s in shapes)

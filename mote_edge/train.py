@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import atomic_dir, check_output_folder, load_model, save_model
+from .cpu_alloc import keep_freed_memory
 from .data import ConversationDataset, collate, load_records
 from .errors import MoteError, cli_entry
 from .losses import IGNORE, global_sum, lm_loss_sum, load_balance_loss
@@ -277,6 +278,8 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
     if cfg.fsdp and (cfg.save_every or cfg.resume):
         raise MoteError("--fsdp writes the final model only; --save-every / --resume need DDP (no --fsdp)")
     kernels = choose_kernels(cfg.kernels, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # every step frees and re-allocates the same big tensors (cpu_alloc.py)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise MoteError(f"--batch-size {cfg.batch_size} must be divisible by ranks x --grad-accum "
                         f"({world} x {cfg.grad_accum})")

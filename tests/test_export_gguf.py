@@ -584,8 +584,8 @@ def _parity(gguf_path, ckpt, text, monkeypatch, ternary: str = "tq2_0"):
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)], dtype=np.float32)
     refs = []
-    for act in (mq.quantize_activation_int8, _llama_activations(ternary)):
-        monkeypatch.setattr(mq, "quantize_activation_int8", act)
+    for act in (mq.int8_fake_quant, _llama_activations(ternary)):  # the activation values TernaryLinear uses
+        monkeypatch.setattr(mq, "int8_fake_quant", act)
         with torch.no_grad():
             refs.append(load_model(ckpt)(input_ids=torch.tensor([ids])).logits[0].numpy())
     monkeypatch.undo()

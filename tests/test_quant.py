@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +51,66 @@ def test_ternary_linear_forward_is_quantized_matmul():
     ref = F.linear(quantize_activation_int8(x), ternary_codes(lin.weight).float() * ternary_scale(lin.weight))
     assert torch.equal(lin(x), ref)
     assert not torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-3), "must not be the fp matmul"
+
+
+def _division_form(w, s):
+    """The definition: clip(round_half_even(w / s), -1, 1) * s, +0 for zero codes."""
+    return (w / s).clamp(-1, 1).round().mul(s).add(0.0)
+
+
+@pytest.mark.parametrize("form", ["c", "torch"])
+def test_fake_quant_weight_equals_the_division_form_at_the_rounding_edges(form, monkeypatch):
+    """fake_quant_weight compares w with s/2 instead of dividing: weights at exactly s/2 (the half-way
+    tie, code 0), one and two float32 either side, at +-s, +-0, huge and tiny give the division form's
+    values and zero signs, for random scales and for powers of two."""
+    from mote_edge import quant
+    from mote_edge.quant import fake_quant_weight, ternary_values
+
+    if form == "torch":  # the three-pass form used without the C library
+        monkeypatch.setattr(quant, "_C_VALUES", [None])
+    else:
+        assert quant._c_values() is not None, "the C library is built by the install"
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
+    scales = [2.0 ** k for k in range(-16, 4)] + (10 ** (torch.rand(300, generator=g) * 6 - 4)).tolist()
+    for i, sv in enumerate(scales):
+        s = torch.tensor(sv, dtype=torch.float32)
+        w = torch.randn(17, 33, generator=g) * s
+        half = (torch.tensor([0.5]) * s).float()
+        above, below = torch.nextafter(half, up), torch.nextafter(half, down)
+        edge = torch.cat([half, above, below, torch.nextafter(above, up), torch.nextafter(below, down), s.reshape(1),
+                          torch.tensor([0.0, -0.0, 1e30, -1e-30])])
+        w.view(-1)[i % 7:i % 7 + 2 * edge.numel()] = torch.cat([edge, -edge])
+        got, want = ternary_values(w, s), _division_form(w, s)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), sv
+    w = torch.randn(64, 96)
+    assert torch.equal(fake_quant_weight(w), _division_form(w, ternary_scale(w)))
+    w[0, 0] = float("nan")
+    assert fake_quant_weight(w).isnan().all() and _division_form(w, ternary_scale(w)).isnan().all()
+    w[0, 0] = float("inf")
+    got, want = fake_quant_weight(w), _division_form(w, ternary_scale(w))
+    assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True) and got.isnan().any()
+    big = torch.randn(3, 1 << 18) * 0.02  # several threads, ranges that do not divide evenly
+    old = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert torch.equal(fake_quant_weight(big), _division_form(big, ternary_scale(big)))
+    finally:
+        torch.set_num_threads(old)
+    wb = torch.randn(16, 16).bfloat16()  # other dtypes take the division form itself
+    assert torch.equal(fake_quant_weight(wb), _division_form(wb.float(), ternary_scale(wb)).bfloat16())
+
+
+def test_scale_is_the_exporters_and_the_mean_of_abs_w():
+    """Training's scale is the exporter's float32, bit for bit, for sizes that are and are not multiples
+    of the exporter's summation block, and the blocked float64 sum is the mean of |w|."""
+    import numpy as np
+
+    from mote_edge.exporters import ternary as tern
+
+    for n in (1, 5, tern.SCALE_BLOCK, tern.SCALE_BLOCK * 7 + 3, 4864 * 896):
+        w = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.02
+        want = tern.ternary_scale(w.numpy())
+        assert ternary_scale(w).item() == float(want), n
+        assert float(want) == np.float32(np.abs(w.double().numpy()).mean()), n

@@ -63,4 +63,7 @@ typedef struct {
 int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multiply-add (ternary_mad.c) */
 int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
+/* codes * s of float32 weights w[n] for a finite absmean scale s, on `threads` threads (ternary_values.c) */
+void mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads);
+
 #endif
