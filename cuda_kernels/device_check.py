@@ -476,12 +476,17 @@ def engine_bench(run: Run, copy_gbs: float):
         if run.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         llm = E.random_llm(**shape, n_ctx=prompt + tokens + 8, device=run.dev.type, kernel="triton")
-        t = E.time_decode(llm, prompt, tokens)
-        bound = copy_gbs * 1e9 / t["bytes_per_token"]
-        row = {"model": model, **t, "bound_tokens_per_s": bound, "of_bound": t["tokens_per_s"] / bound,
-               "peak_allocated_bytes": torch.cuda.max_memory_allocated() if run.dev.type == "cuda" else None}
-        run.report.setdefault("engine", []).append(row)
-        run.log(f"engine {model}: {t['tokens_per_s']:.1f} tokens/s, {row['of_bound']:.0%} of the bound {bound:.0f}")
+        for decode in E.MOE_DECODE:  # mote-run --moe-decode: GEMV launches after a host read, or grouped, sync-free
+            for layer in llm.layers:
+                layer.ffn.decode = decode
+            t = E.time_decode(llm, prompt, tokens)
+            bound = copy_gbs * 1e9 / t["bytes_per_token"]
+            row = {"model": model, "moe_decode": decode, **t, "bound_tokens_per_s": bound,
+                   "of_bound": t["tokens_per_s"] / bound,
+                   "peak_allocated_bytes": torch.cuda.max_memory_allocated() if run.dev.type == "cuda" else None}
+            run.report.setdefault("engine", []).append(row)
+            run.log(f"engine {model} ({decode} MoE decode): {t['tokens_per_s']:.1f} tokens/s, {row['of_bound']:.0%} "
+                    f"of the bound {bound:.0f}")
         del llm
         if run.dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -647,7 +652,7 @@ def markdown(report: dict) -> str:
             f"{v} {t['median_us']:.1f}" if "median_us" in t else f"{v} {t['error']}" for v, t in r["us"].items())
             + "; speedup vs bf16 loop: " + ", ".join(f"{v} {x:.2f}" for v, x in r["speedup_vs_bf16_loop"].items()))
     lines += ["", "## GPU engine decode (batch 1, random weights; target >= 60% of the bound)", ""]
-    lines += [f"- {r['model']}: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens after a {r['prompt']}-token "
+    lines += [f"- {r['model']}, {r.get('moe_decode', 'gemv')} MoE decode: {r['tokens_per_s']:.1f} tokens/s ({r['tokens']} tokens after a {r['prompt']}-token "
               f"prompt); a step reads {r['bytes_per_token'] / 2**20:.1f} MiB: bound {r['bound_tokens_per_s']:.0f} "
               f"tokens/s at copy bandwidth, {r['of_bound']:.0%} of it" for r in report.get("engine", [])]
     tr = report.get("train", {})

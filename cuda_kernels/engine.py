@@ -60,6 +60,7 @@ from .engine_memory import PREFILL_CHUNK, format_plan, plan_gpu
 
 DEVICES = ("auto", "cuda", "cpu")
 KERNELS = ("auto", "triton", "torch")
+MOE_DECODE = ("gemv", "grouped")  # how a decode token reaches its experts (MoE.__call__)
 DTYPES = ("bfloat16", "float32")
 GPU_EXTRA = "pip install 'mote-edge[gpu]'"
 
@@ -345,8 +346,8 @@ class TernaryExperts:
         flat = top.reshape(-1)
         order = torch.sort(flat, stable=True).indices  # by expert, tokens in order within each
         tok, exp = order // top.shape[1], flat[order]
-        offs = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-        offs[1:] = torch.cumsum(torch.bincount(exp, minlength=E), 0)
+        # expert e's rows start where the sorted ids reach e: no host read (bincount's size would need one)
+        offs = torch.searchsorted(exp, torch.arange(E + 1, device=x.device, dtype=exp.dtype)).to(torch.int32)
         gate, up, down = self.all
         a = K.quantize(x[tok])
         h = F.silu(K.grouped(a, gate, offs)) * K.grouped(a, up, offs)
@@ -377,17 +378,23 @@ class FloatExperts:
 
 
 class MoE:
-    """Router + routed experts (+ shared expert): p = softmax(router(x)), top-k of p, no renormalisation."""
+    """Router + routed experts (+ shared expert): p = softmax(router(x)), top-k of p, no renormalisation.
 
-    def __init__(self, router, experts, top_k: int, shared: GLU | None):
-        self.router, self.experts, self.top_k, self.shared = router, experts, top_k, shared
+    A decode token reaches its experts one of two ways (`decode`, mote-run --moe-decode): "gemv" reads
+    the chosen ids back to the host (one small copy and a stream sync per MoE layer) and launches the
+    GEMV kernels per expert; "grouped" runs the prefill path on one token, the grouped kernels on offsets
+    computed on the device, so a decode step never waits for the host (ternary experts; the float experts
+    of MoE-LLaVA pick their tokens with nonzero, which syncs). Same sums in the same order: bit-identical."""
+
+    def __init__(self, router, experts, top_k: int, shared: GLU | None, decode: str = "gemv"):
+        self.router, self.experts, self.top_k, self.shared, self.decode = router, experts, top_k, shared, decode
 
     def __call__(self, x):
         out = None
         if self.router is not None:
             probs = torch.softmax(x @ self.router.T, dim=-1)
             top = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :self.top_k]
-            if x.shape[0] == 1:  # the launches need the chosen ids: one small copy to the host per layer
+            if x.shape[0] == 1 and self.decode == "gemv":  # the launches need the chosen ids on the host
                 out = self.experts.decode(x, probs, sorted(top[0].tolist()))
             else:
                 out = self.experts.prefill(x, probs, top)
@@ -410,10 +417,11 @@ class CudaLLM:
     """The language model on the device, with its KV cache (n_ctx positions) and RoPE tables."""
 
     def __init__(self, c: LLMConfig, src, dev, dtype, kernels, n_ctx: int, scales: dict | None = None,
-                 progress: bool = False):
+                 progress: bool = False, moe_decode: str = "gemv"):
         from tqdm import tqdm
 
         self.c, self.src, self.dev, self.dtype, self.n_ctx = c, src, dev, dtype, n_ctx
+        self.moe_decode = moe_decode
         H, kv = c.hidden, c.kv_heads * c.head_dim
         self.layers = []
         for i in tqdm(range(c.layers), desc="cuda engine: placing layers", unit="layer", disable=not progress,
@@ -470,7 +478,7 @@ class CudaLLM:
                                              [(F_, H), (F_, H)], kind="shared experts")),
                          Linear(src.matrices([b + "ffn_down_shexp.weight"], [(H, F_)], kind="shared experts")),
                          scale=c.shared_scale)
-        return MoE(router, experts, c.top_k, shared)
+        return MoE(router, experts, c.top_k, shared, decode=self.moe_decode)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -608,8 +616,9 @@ class CudaModel(Answering):
 
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, n_ctx: int | None = None,
                  device: str = "auto", kernel: str = "auto", dtype: str | None = None, vision: bool = True,
-                 threads: int | None = None, progress: bool = False):
-        for value, accepted, what in ((kernel, KERNELS, "--kernel"), (device, DEVICES, "device")):
+                 threads: int | None = None, progress: bool = False, moe_decode: str = "gemv"):
+        for value, accepted, what in ((kernel, KERNELS, "--kernel"), (device, DEVICES, "device"),
+                                      (moe_decode, MOE_DECODE, "--moe-decode")):
             if value not in accepted:  # before torch: a wrong name is the one error whatever the machine
                 raise MoteExportError(f"{what} {value!r} for --engine cuda; accepted: {', '.join(accepted)}")
         t = _torch()
@@ -643,7 +652,7 @@ class CudaModel(Answering):
         src = GGUFWeights(self.gguf, self.device, self.dtype)
         try:
             scales = _ternary_scales(self.gguf, c) if c.variant == "mote" else {}
-            self.llm = CudaLLM(c, src, self.device, self.dtype, kernels, self.n_ctx, scales, progress)
+            self.llm = CudaLLM(c, src, self.device, self.dtype, kernels, self.n_ctx, scales, progress, moe_decode)
             self.vision = None
             if vision:
                 from ..runtime_cpu.vision import Vision
@@ -656,7 +665,7 @@ class CudaModel(Answering):
             raise MoteExportError(f"{proj}: the projector gives {self.vision.out_dim}-wide embeddings; the LLM is "
                                   f"{c.hidden} wide (not this model's mmproj)")
         name = t.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.report = {"device": name, "kernel": self.kernel, "dtype": dtype, "variant": c.variant,
+        self.report = {"device": name, "kernel": self.kernel, "dtype": dtype, "variant": c.variant, "moe_decode": moe_decode,
                        "placed_by": dict(src.placed), "vision_bytes": self.vision.placed if self.vision else 0,
                        "llm_weights_bytes": sum(src.placed.values()), "kv_cache_bytes": self.llm.kv_cache_bytes,
                        "rope_bytes": 2 * self.llm.cos.numel() * 4, "planned_device_bytes": self.plan["device_bytes"]}
@@ -665,7 +674,7 @@ class CudaModel(Answering):
         r = self.report
         parts = ", ".join(f"{k} {human(v)}" for k, v in sorted(r["placed_by"].items()))
         return (f"cuda engine: {r['variant']} on {r['device']} ({r['dtype']} float weights, {r['kernel']} W2A8 "
-                f"kernels); "
+                f"kernels, {r['moe_decode']} MoE decode); "
                 f"placed LLM {human(r['llm_weights_bytes'])} ({parts}), vision {human(r['vision_bytes'])}, KV cache "
                 f"{human(r['kv_cache_bytes'])}; planned device memory {human(r['planned_device_bytes'])}")
 
@@ -766,15 +775,18 @@ def time_decode(llm: CudaLLM, prompt: int, tokens: int, warmup: int = 2) -> dict
 # ---- the engine interface of the mote-run front ------------------------------------------------------------------
 
 NAME = "cuda"
-OPTIONS = ("kernel", "device")  # engine-only flags (mote-run passes those it has: --kernel today)
+OPTIONS = ("kernel", "device", "moe_decode")  # engine-only flags mote-run passes when given
 
 
-def plan_memory(model: Path, mmproj: Path, n_ctx: int | None, kernel: str = "auto", device: str = "auto") -> dict:
+def plan_memory(model: Path, mmproj: Path, n_ctx: int | None, kernel: str = "auto", device: str = "auto",
+                moe_decode: str = "gemv") -> dict:
     """The engine's GPU memory plan from the two headers (engine_memory.plan_gpu); nothing is read or allocated."""
     if kernel not in KERNELS:
         raise MoteExportError(f"--kernel {kernel!r} for --engine cuda; accepted: {', '.join(KERNELS)}")
     if device not in DEVICES:
         raise MoteExportError(f"device {device!r} for --engine cuda; accepted: {', '.join(DEVICES)}")
+    if moe_decode not in MOE_DECODE:  # (argparse checks mote-run's; this is the library call's)
+        raise MoteExportError(f"--moe-decode {moe_decode!r}; accepted: {', '.join(MOE_DECODE)}")
     return plan_gpu(model, mmproj, n_ctx, "float32" if device == "cpu" else "bfloat16")
 
 
@@ -785,9 +797,9 @@ class Engine:
     """mote-run's view: one loaded model pair on the device, answering a question about an image, streamed."""
 
     def __init__(self, model: Path, mmproj: Path, n_ctx: int | None = None, threads: int | None = None, seed: int = 0,
-                 kernel: str = "auto", device: str = "auto"):
+                 kernel: str = "auto", device: str = "auto", moe_decode: str = "gemv"):
         self.model = CudaModel(model, mmproj, n_ctx=n_ctx, device=device, kernel=kernel, threads=threads,
-                               progress=True)
+                               progress=True, moe_decode=moe_decode)
 
     def stream(self, image: Path, prompt: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0):

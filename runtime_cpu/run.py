@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         "measured per shape); --engine cuda: triton (default) / torch")
     p.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"),
                    help="--engine cuda: the torch device (default cuda; cpu runs the same engine for testing)")
+    p.add_argument("--moe-decode", default=None, choices=("gemv", "grouped"),
+                   help="--engine cuda: a decode token's experts as GEMV launches after reading the chosen ids "
+                        "(gemv, default) or as grouped launches on device-side offsets, with no host sync (grouped)")
     p.add_argument("--routes", default=None, metavar="JSON",
                    help="--engine mote: write which experts every image and text token chose in every MoE layer "
                         "(plot it with mote-routes)")
@@ -121,11 +124,12 @@ def main(argv=None):
             if not path.is_file():
                 hint = " (pass --mmproj, or export with mote-export, which writes <stem>-mmproj.gguf)" if path is proj else ""
                 raise MoteExportError(f"{what} file {str(path)!r} does not exist{hint}")
-    opts = {k: getattr(a, k) for k in ("kernel", "routes", "device") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("kernel", "routes", "device", "moe_decode") if getattr(a, k) is not None}
     foreign = sorted(set(opts) - set(getattr(engine, "OPTIONS", ())))
     if foreign:
         raise MoteExportError(f"{', '.join('--' + k for k in foreign)}: not an option of --engine {a.engine} "
-                              "(--kernel: the mote and cuda engines'; --routes: the mote engine's; --device: cuda's)")
+                              "(--kernel: the mote and cuda engines'; --routes: the mote engine's; --device, "
+                              "--moe-decode: cuda's)")
     n_ctx = a.n_ctx
     if a.memory_limit is not None:
         n_ctx = check_memory(engine, model, proj, n_ctx, a.memory_limit, opts)

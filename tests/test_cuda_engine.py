@@ -221,7 +221,7 @@ def test_engine_interface_streams_like_the_mote_engine(tiny_gguf, cpu_engine, ca
     pieces = list(eng.stream(img, "What colour is the square?", max_tokens=8))
     assert pieces[-1][1] in ("stop", "length")
     assert "".join(p for p, _ in pieces) == cpu_engine.answer(img, "What colour is the square?", max_tokens=8)
-    assert "cuda engine: mote on cpu (float32 float weights, torch W2A8 kernels)" in capsys.readouterr().err
+    assert "cuda engine: mote on cpu (float32 float weights, torch W2A8 kernels, gemv MoE decode)" in capsys.readouterr().err
 
 
 def test_memory_limit_refuses_before_loading(tiny_gguf, data_dir, capsys, monkeypatch):
@@ -309,3 +309,78 @@ def test_random_weights_decode_timing_at_a_tiny_shape():
     # per token: every float byte, a quarter of the ternary words (top-1 of 4), the KV cache filled to the middle
     want = sum(placed.values()) - placed["ternary 2-bit words"] * 3 // 4
     assert t["bytes_per_token"] == want + 2 * 2 * 2 * 16 * 4 * (5 + 2 + 3 - 3 // 2)
+
+
+# ---- --moe-decode grouped: decode steps with no host read ------------------------------------------------------
+
+
+def _decode_logits(m: E.CudaModel, ids: list[int]) -> torch.Tensor:
+    """Every position fed alone (T = 1: the decode path), in order, into a fresh cache."""
+    h = m.llm.embed(ids)
+    return torch.stack([m.llm.forward(h[t:t + 1], t) for t in range(len(ids))])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_moe_decode_is_bit_identical_to_gemv_decode(top_k, embedded, tiny_gguf, dense_ckpt, tmp_path):
+    """The same sums in the same order: decode logits equal bit for bit (top-1 and top-2 routing), and both
+    agree with the teacher-forced prefill; the report says which path ran."""
+    if top_k == 1:
+        path, ckpt = tiny_gguf, embedded
+    else:
+        ckpt = _moe_ckpt(dense_ckpt, tmp_path / "c", top_k=2, layers="all")
+        path = _export(ckpt, tmp_path / "m.gguf", mmproj=True)
+    ids = _ids(ckpt, PARITY_TEXT)[:24]
+    gemv = E.CudaModel(path, device="cpu", kernel="torch", vision=False)
+    grouped = E.CudaModel(path, device="cpu", kernel="torch", vision=False, moe_decode="grouped")
+    assert grouped.report["moe_decode"] == "grouped" and "grouped MoE decode" in grouped.format_report()
+    want, got = _decode_logits(gemv, ids), _decode_logits(grouped, ids)
+    assert torch.equal(got, want)
+    _fp32_close(f"top-{top_k}: decode steps vs prefill", got.numpy(), gemv.logits(ids))
+
+
+def test_grouped_moe_decode_reads_nothing_back_to_the_host(tiny_gguf, monkeypatch):
+    """On CUDA a host read (tolist, item, bool, nonzero, bincount's size) waits for the stream. With host
+    reads made to fail everywhere but inside the W2A8 kernels (whose torch reference reads its offsets; the
+    Triton launch does not), a grouped decode step runs, and a gemv one does not."""
+    allowed = [False]
+
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def call(self, *a, **k):
+            if not allowed[0]:
+                raise AssertionError(f"host read: Tensor.{name}")
+            return real(self, *a, **k)
+        return call
+
+    class Kernels(E.TorchW2A8):
+        def _open(self, fn, *a):
+            allowed[0] = True
+            try:
+                return fn(*a)
+            finally:
+                allowed[0] = False
+
+        def quantize(self, x):
+            return self._open(super().quantize, x)
+
+        def linear(self, a, w):
+            return self._open(super().linear, a, w)
+
+        def grouped(self, a, w, offs):
+            return self._open(super().grouped, a, w, offs)
+
+    m = {d: E.CudaModel(tiny_gguf, device="cpu", kernel="torch", vision=False, moe_decode=d) for d in E.MOE_DECODE}
+    for model in m.values():
+        for layer in model.llm.layers:
+            layer.ffn.experts.k = Kernels()
+    x = m["grouped"].llm.embed([5])
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host read: bincount")))
+    moe = [layer.ffn for layer in m["grouped"].llm.layers if layer.ffn.router is not None]
+    assert moe, "the tiny model has MoE layers"
+    for ffn in moe:
+        assert ffn(x).shape == x.shape
+    with pytest.raises(AssertionError, match="host read"):
+        [layer.ffn for layer in m["gemv"].llm.layers if layer.ffn.router is not None][0](x)

@@ -98,6 +98,8 @@ def test_device_check_interpret_end_to_end(interpret_run):
     assert all(r["us"]["w2a8_grouped"]["median_us"] > 0 for r in report["grouped"])
     assert all(s["best"] for s in report["sweeps"])
     assert report["picks"]  # decode paths compared per shape
+    engine = report["engine"]  # the GPU engine's decode, both --moe-decode paths, each against its bound
+    assert {r["moe_decode"] for r in engine} == {"gemv", "grouped"} and all(r["tokens_per_s"] > 0 for r in engine)
     md = (out / "device_check.md").read_text()
     assert "## Linear" in md and "## Grouped experts" in md and "passed" in md
 
