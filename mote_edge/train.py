@@ -135,33 +135,68 @@ def micro_batches(idx: list[int], rank: int, world: int, accum: int) -> list[lis
 # checkpoints (safetensors only: model, optimizer state; JSON for the rest)
 
 
-def save_training_state(model, opt, step: int, out: Path, side_files_from: Path, history: list) -> None:
-    """Model, optimizer state and the loss curve so far into the folder `out`, written into a temporary
-    sibling renamed when complete (atomic_dir): a run killed while writing leaves the previous complete
-    checkpoint as the latest, and its partial temporary is removed by the next writer (or at --resume)."""
+def training_state(model, opt, fsdp: bool) -> tuple[dict, dict]:
+    """The unsharded model and optimizer state dicts, keyed by parameter name (torch.distributed.checkpoint's
+    form: the same on one process, under DDP and gathered from FSDP2's shards), on CPU. Under FSDP every rank
+    must call it (a collective) and rank 0 gets the dicts ({} elsewhere); otherwise the caller's rank reads its
+    own full copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
+
+
+def save_training_state(model, opt, step: int, out: Path, side_files_from: Path, history: list, rank: int = 0,
+                        fsdp: bool = False) -> None:
+    """Model, optimizer state and the loss curve so far into the folder `out` (rank 0 writes), written into a
+    temporary sibling renamed when complete (atomic_dir): a run killed while writing leaves the previous
+    complete checkpoint as the latest, and its partial temporary is removed by the next writer (or at
+    --resume). The optimizer state is keyed by parameter name, so a checkpoint written with --fsdp resumes
+    without it and the other way round."""
     from safetensors.torch import save_file
 
+    if not fsdp and rank != 0:
+        return
+    model_sd, optim_sd = training_state(model, opt, fsdp)
+    if rank != 0:
+        return
+    if fsdp:  # the shards' owner is a DTensor model: write an ordinary one holding the gathered weights
+        model = load_model(side_files_from)
+        model.load_state_dict(model_sd)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, overwrite=True) as tmp:
         save_model(model, tmp, side_files_from=side_files_from)
-        sd = opt.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, st in optim_sd["state"].items()
+                   for k, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "param_groups": groups,
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer_keys": "names",
+                                                            "param_groups": optim_sd["param_groups"],
                                                             "history": history}))
 
 
-def load_training_state(opt, ckpt: Path) -> int:
+def load_training_state(model, opt, ckpt: Path, fsdp: bool = False) -> int:
+    """The checkpoint's weights into `model` and its optimizer state into `opt` (each rank reads the files
+    and takes its own shards under FSDP); the step it was written at."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     flat = load_file(str(ckpt / "optimizer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, v in flat.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_model(ckpt).state_dict(), options=full)
+    state: dict = {}
+    if meta.get("optimizer_keys") == "names":
+        for key, v in flat.items():
+            name, k = key.rsplit(".", 1)
+            state.setdefault(name, {})[k] = v
+        set_optimizer_state_dict(model, opt, {"state": state, "param_groups": meta["param_groups"]}, options=full)
+    else:  # written before checkpoints named their parameters: optimizer indices, one unsharded process's
+        if fsdp:
+            raise MoteError(f"{ckpt} holds optimizer state by index (an older mote-train); resume it without --fsdp")
+        for key, v in flat.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return int(meta["step"])
 
 
@@ -275,8 +310,6 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
     rank, world, device = setup_distributed()
     if cfg.fsdp and world < 2:
         raise MoteError("--fsdp shards over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
-    if cfg.fsdp and (cfg.save_every or cfg.resume):
-        raise MoteError("--fsdp writes the final model only; --save-every / --resume need DDP (no --fsdp)")
     kernels = choose_kernels(cfg.kernels, device)
     if device.type == "cpu":
         keep_freed_memory()  # every step frees and re-allocates the same big tensors (cpu_alloc.py)
@@ -302,8 +335,7 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
     total = cfg.steps or max(1, int(cfg.epochs * len(dataset) // cfg.batch_size))
     start, earlier = 0, []  # earlier: the loss curve of the steps before a resumed run's start
     if cfg.resume and (last := latest_checkpoint(out_dir)) is not None:
-        model.load_state_dict(load_model(last).state_dict())
-        start = load_training_state(opt, last)
+        start = load_training_state(model, opt, last, cfg.fsdp)
         earlier = [h for h in checkpoint_history(last) if h["step"] <= start]
     blocks = moe_blocks(model)
     net = model
@@ -348,9 +380,9 @@ def train(ckpt_dir: str | Path, data: str | Path, images: str | Path, out_dir: s
         if rank == 0:
             bar.set_postfix(loss=f"{lm_val:.3f}", bal=f"{bal_val:.3f}",
                             tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}", refresh=False)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                save_training_state(model, opt, step + 1, out_dir / "checkpoints" / f"step-{step + 1}", ckpt_dir,
-                                    earlier + history)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:  # every rank: FSDP gathers
+            save_training_state(model, opt, step + 1, out_dir / "checkpoints" / f"step-{step + 1}", ckpt_dir,
+                                earlier + history, rank, cfg.fsdp)
         if world > 1:
             dist.barrier()
     elapsed = time.perf_counter() - t0

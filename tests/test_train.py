@@ -45,6 +45,42 @@ def test_moe_stage_changes_only_routers_and_experts(mote_ckpt, data_dir, tmp_pat
     assert changed and all(".router." in k or ".experts." in k for k in changed)
 
 
+def test_checkpoints_of_an_older_mote_train_still_resume(mote_ckpt, data_dir, tmp_path, processor):
+    """Before checkpoints named their parameters, optimizer.safetensors was keyed by optimizer index: such a
+    checkpoint (rewritten here in that form) resumes to the same weights as the named one."""
+    from mote_edge.checkpoint import load_model
+    from mote_edge.train import load_training_state, param_groups, set_trainable
+
+    _train(mote_ckpt, data_dir, tmp_path / "full", processor, steps=4, save_every=2)
+    step2 = tmp_path / "full" / "checkpoints" / "step-2"
+    meta = json.loads((step2 / "trainer_state.json").read_text())
+    named_state = load_file(step2 / "optimizer.safetensors")
+    cfg = TrainConfig(stage="moe")
+    model = load_model(mote_ckpt)
+    opt = torch.optim.AdamW(param_groups(set_trainable(model, cfg), cfg))
+    index = {name: i for i, name in enumerate(n for g in meta["param_groups"] for n in g["params"])}
+    old = tmp_path / "old" / "checkpoints" / "step-2"
+    shutil.copytree(step2, old)
+    from safetensors.torch import save_file
+
+    save_file({f"{index[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in named_state.items()},
+              str(old / "optimizer.safetensors"))
+    groups, i = [], 0
+    for g in meta["param_groups"]:
+        groups.append(g | {"params": list(range(i, i + len(g["params"])))})
+        i += len(g["params"])
+    (old / "trainer_state.json").write_text(json.dumps({"step": 2, "param_groups": groups, "history": meta["history"]}))
+    assert load_training_state(model, opt, old) == 2
+    got = {id(p): s for p, s in opt.state.items()}
+    params = {n: p for n, p in model.named_parameters()}
+    for key, v in named_state.items():
+        name, k = key.rsplit(".", 1)
+        assert torch.equal(got[id(params[name])][k], v), key
+    _train(mote_ckpt, data_dir, tmp_path / "old", processor, steps=4, resume=True)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "old" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_continues_exactly(mote_ckpt, data_dir, tmp_path, processor):
     _train(mote_ckpt, data_dir, tmp_path / "full", processor, steps=4, save_every=2)
     assert (tmp_path / "full" / "checkpoints" / "step-2" / "optimizer.safetensors").is_file()
