@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .exporters.ternary import ternary_scale as _numpy_ternary_scale
+from .exporters import ternary as _tern
 
 EPS = 1e-5
 QB = 127
@@ -39,13 +39,17 @@ def ternary_scale(w: torch.Tensor) -> torch.Tensor:
     """mean|W| accumulated in float64, then rounded to fp32: the sum order of torch and numpy then
     no longer matters, so torch-free exporters reproduce the exact same scale (and codes).
 
-    On CPU this is the exporters' own function (exporters/ternary.py: a blocked float64 sum with no
-    copy of W). It runs on the calling thread: on a second thread it was slower inside a training step
-    (torch's OpenMP workers spin on the other core between ops). The array comes through DLPack:
+    On CPU this is the exporters' own sum (exporters/ternary.py abs_sum, a fixed-order float64 sum with
+    no copy of W), in runtime_cpu's C (one pass, 3x numpy's speed) when the library is built: bit for bit
+    the same. It runs on the calling thread: on a second one it was slower inside a training step (torch's
+    OpenMP workers spin on the other core between ops). numpy takes the array through DLPack:
     Tensor.numpy() would mark the storage unresizable, which FSDP2's resharding needs."""
     w = w.detach()
     if w.device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.tensor(_numpy_ternary_scale(np.from_dlpack(w.float().contiguous())), dtype=torch.float32)
+        wf = w.float().contiguous()
+        c = _c_kernels()
+        total = c.abs_sum(wf.data_ptr(), wf.numel()) if c else _tern.abs_sum(np.from_dlpack(wf))
+        return torch.tensor(_tern.scale_from_sum(total, wf.numel()), dtype=torch.float32)
     return w.abs().double().mean().float().clamp(min=EPS)
 
 
@@ -94,30 +98,36 @@ def ternary_values(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if w.dtype != torch.float32 or not math.isfinite(sv):  # (a NaN or inf weight: s is not finite)
         q = (w.float() / s).clamp_(-1, 1).round_()
         return q.mul_(s).add_(0.0).to(w.dtype)  # + 0 turns the -0 of a rounded small negative into +0
-    c_values = _c_values() if w.device.type == "cpu" and w.is_contiguous() else None
-    if c_values is None:
+    c = _c_kernels() if w.device.type == "cpu" and w.is_contiguous() else None
+    if c is None:
         return F.hardshrink(w, sv * 0.5).sign_().mul_(s)
     out = torch.empty_like(w)
-    c_values(w.data_ptr(), w.numel(), sv, out.data_ptr(), torch.get_num_threads())
+    c.values(w.data_ptr(), w.numel(), sv, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-_C_VALUES: list = []
+class _CKernels:
+    """runtime_cpu's C forms of the scale's sum and of ternary_values (csrc/ternary_values.c)."""
+
+    def __init__(self, L):
+        self.abs_sum, self.values = L.mote_abs_sum_f32, L.mote_ternary_values_f32
+        self.abs_sum.argtypes, self.abs_sum.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_double
+        self.values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        self.values.restype = None
 
 
-def _c_values():
-    """runtime_cpu's one-pass C form of ternary_values (ternary_values.c), or None without the C library
-    (then three torch passes do it)."""
-    if not _C_VALUES:
+_C_KERNELS: list = []
+
+
+def _c_kernels() -> _CKernels | None:
+    """The C kernels, or None without the C library (numpy sums the scale, three torch passes make the
+    values: the same numbers, slower)."""
+    if not _C_KERNELS:
         from .runtime_cpu import clib
 
         L = clib.lib()
-        fn = getattr(L, "mote_ternary_values_f32", None) if L is not None else None
-        if fn is not None:
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-            fn.restype = None
-        _C_VALUES.append(fn)
-    return _C_VALUES[0]
+        _C_KERNELS.append(_CKernels(L) if L is not None and hasattr(L, "mote_abs_sum_f32") else None)
+    return _C_KERNELS[0]
 
 
 # ---------------------------------------------------------------------------------------------

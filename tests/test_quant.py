@@ -67,9 +67,9 @@ def test_fake_quant_weight_equals_the_division_form_at_the_rounding_edges(form, 
     from mote_edge.quant import fake_quant_weight, ternary_values
 
     if form == "torch":  # the three-pass form used without the C library
-        monkeypatch.setattr(quant, "_C_VALUES", [None])
+        monkeypatch.setattr(quant, "_C_KERNELS", [None])
     else:
-        assert quant._c_values() is not None, "the C library is built by the install"
+        assert quant._c_kernels() is not None, "the C library is built by the install"
 
     g = torch.Generator().manual_seed(0)
     up, down = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
@@ -102,15 +102,28 @@ def test_fake_quant_weight_equals_the_division_form_at_the_rounding_edges(form, 
     assert torch.equal(fake_quant_weight(wb), _division_form(wb.float(), ternary_scale(wb)).bfloat16())
 
 
-def test_scale_is_the_exporters_and_the_mean_of_abs_w():
-    """Training's scale is the exporter's float32, bit for bit, for sizes that are and are not multiples
-    of the exporter's summation block, and the blocked float64 sum is the mean of |w|."""
+@pytest.mark.parametrize("form", ["c", "numpy"])
+def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
+    """Training's scale (the C sum, or numpy's without the C library) is the exporter's float32 bit for bit,
+    and the float64 sum itself equal: sizes that are and are not multiples of the lanes and of the block,
+    magnitudes over 30 binades (where the order of a float64 sum shows), an all-zero matrix (EPS)."""
     import numpy as np
 
+    from mote_edge import quant
     from mote_edge.exporters import ternary as tern
 
-    for n in (1, 5, tern.SCALE_BLOCK, tern.SCALE_BLOCK * 7 + 3, 4864 * 896):
-        w = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.02
-        want = tern.ternary_scale(w.numpy())
-        assert ternary_scale(w).item() == float(want), n
-        assert float(want) == np.float32(np.abs(w.double().numpy()).mean()), n
+    if form == "numpy":
+        monkeypatch.setattr(quant, "_C_KERNELS", [None])
+    else:
+        assert quant._c_kernels() is not None
+    rng = np.random.default_rng(0)
+    B = tern.SCALE_BLOCK
+    for n in (1, 5, 16, 17, B - 1, B, B + 15, 3 * B + 37, 4864 * 896):
+        w = rng.standard_normal(n).astype(np.float32) * np.exp2(rng.uniform(-25, 5, n)).astype(np.float32)
+        want = tern.ternary_scale(w)
+        assert ternary_scale(torch.from_numpy(w)).item() == float(want), n
+        if form == "c":
+            assert quant._c_kernels().abs_sum(torch.from_numpy(w).data_ptr(), n) == tern.abs_sum(w), n
+        exact = np.abs(w.astype(np.float64)).sum()
+        assert abs(tern.abs_sum(w) - exact) <= 1e-12 * exact  # a float64 sum: far below a float32 ulp
+    assert ternary_scale(torch.zeros(7, 9)).item() == np.float32(tern.EPS)

@@ -63,7 +63,8 @@ typedef struct {
 int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multiply-add (ternary_mad.c) */
 int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
-/* codes * s of float32 weights w[n] for a finite absmean scale s, on `threads` threads (ternary_values.c) */
+/* training (ternary_values.c): sum |w| in the exporter's order; codes * s for a finite scale s on `threads` threads */
+double mote_abs_sum_f32(const float *w, int64_t n);
 void mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads);
 
 #endif

@@ -1,5 +1,12 @@
-/* codes * s of a float32 weight matrix for a given absmean scale s: the training forward's ternary
- * weights (mote_edge/quant.py ternary_values), in one pass instead of torch's three.
+/* The training forward's ternary weights on CPU (mote_edge/quant.py): the absmean scale's sum and the values
+ * codes * s, each in one pass over the latent float32 weights.
+ *
+ * mote_abs_sum_f32 is exporters/ternary.py's ternary_scale sum in the same order, so the two agree bit for
+ * bit: blocks of SCALE_BLOCK weights; in a block, 16 float64 lanes, lane j adding |w[16 r + j]| row after
+ * row; the lanes then added in order 0..15, then the block's last (size % 16) weights one by one; the
+ * blocks' sums added in order. (numpy's sum over axis 0 of the [rows, 16] view is that lane order.)
+ *
+ * mote_ternary_values_f32: codes * s for a given scale s.
  *
  * code = clip(round_half_even(fl(w / s)), -1, 1) is +1 exactly when w > s/2 and -1 exactly when
  * w < -s/2 (the reasoning is in quant.py), so no division is needed and the result is bit-identical
@@ -12,6 +19,25 @@
 #include <pthread.h>
 
 #include "mote_kernels.h"
+
+#define SCALE_BLOCK (1 << 16) /* exporters/ternary.py SCALE_BLOCK */
+#define LANES 16
+
+double mote_abs_sum_f32(const float *w, int64_t n) {
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += SCALE_BLOCK) {
+        const int64_t len = n - b < SCALE_BLOCK ? n - b : SCALE_BLOCK, rows = len / LANES;
+        const float *x = w + b;
+        double lane[LANES] = {0};
+        for (int64_t r = 0; r < rows; r++)
+            for (int j = 0; j < LANES; j++) lane[j] += (double)__builtin_fabsf(x[r * LANES + j]);
+        double s = 0.0;
+        for (int j = 0; j < LANES; j++) s += lane[j];
+        for (int64_t i = rows * LANES; i < len; i++) s += (double)__builtin_fabsf(x[i]);
+        total += s;
+    }
+    return total;
+}
 
 typedef struct {
     const float *w;
