@@ -40,15 +40,14 @@ def ternary_scale(w: torch.Tensor) -> torch.Tensor:
     no longer matters, so torch-free exporters reproduce the exact same scale (and codes).
 
     On CPU this is the exporters' own sum (exporters/ternary.py abs_sum, a fixed-order float64 sum with
-    no copy of W), in runtime_cpu's C (one pass, 3x numpy's speed) when the library is built: bit for bit
-    the same. It runs on the calling thread: on a second one it was slower inside a training step (torch's
-    OpenMP workers spin on the other core between ops). numpy takes the array through DLPack:
+    no copy of W), in runtime_cpu's C (one pass, its blocks on torch's thread count) when the library is
+    built: bit for bit the same. numpy takes the array through DLPack:
     Tensor.numpy() would mark the storage unresizable, which FSDP2's resharding needs."""
     w = w.detach()
     if w.device.type == "cpu" and not torch.compiler.is_compiling():
         wf = w.float().contiguous()
         c = _c_kernels()
-        total = c.abs_sum(wf.data_ptr(), wf.numel()) if c else _tern.abs_sum(np.from_dlpack(wf))
+        total = c.abs_sum(wf.numel(), wf.data_ptr()) if c else _tern.abs_sum(np.from_dlpack(wf))
         return torch.tensor(_tern.scale_from_sum(total, wf.numel()), dtype=torch.float32)
     return w.abs().double().mean().float().clamp(min=EPS)
 
@@ -110,10 +109,16 @@ class _CKernels:
     """runtime_cpu's C forms of the scale's sum and of ternary_values (csrc/ternary_values.c)."""
 
     def __init__(self, L):
-        self.abs_sum, self.values = L.mote_abs_sum_f32, L.mote_ternary_values_f32
-        self.abs_sum.argtypes, self.abs_sum.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_double
+        self._sum, self.values = L.mote_abs_sum_f32, L.mote_ternary_values_f32
+        self._sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+        self._sum.restype = ctypes.c_double
         self.values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
         self.values.restype = None
+
+    def abs_sum(self, n: int, ptr: int, threads: int | None = None) -> float:
+        """exporters/ternary.py abs_sum of n float32 at ptr, its blocks on torch's thread count."""
+        sums = (ctypes.c_double * max(1, -(-n // _tern.SCALE_BLOCK)))()
+        return self._sum(ptr, n, threads or torch.get_num_threads(), sums)
 
 
 _C_KERNELS: list = []

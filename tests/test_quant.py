@@ -122,8 +122,9 @@ def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
         w = rng.standard_normal(n).astype(np.float32) * np.exp2(rng.uniform(-25, 5, n)).astype(np.float32)
         want = tern.ternary_scale(w)
         assert ternary_scale(torch.from_numpy(w)).item() == float(want), n
-        if form == "c":
-            assert quant._c_kernels().abs_sum(torch.from_numpy(w).data_ptr(), n) == tern.abs_sum(w), n
+        if form == "c":  # blocks split over 1-3 threads, added in order: the same total
+            for threads in (1, 2, 3):
+                assert quant._c_kernels().abs_sum(n, torch.from_numpy(w).data_ptr(), threads) == tern.abs_sum(w), n
         exact = np.abs(w.astype(np.float64)).sum()
         assert abs(tern.abs_sum(w) - exact) <= 1e-12 * exact  # a float64 sum: far below a float32 ulp
     assert ternary_scale(torch.zeros(7, 9)).item() == np.float32(tern.EPS)

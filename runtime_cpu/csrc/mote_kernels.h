@@ -64,7 +64,7 @@ int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multi
 int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
 /* training (ternary_values.c): sum |w| in the exporter's order; codes * s for a finite scale s on `threads` threads */
-double mote_abs_sum_f32(const float *w, int64_t n);
+double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *block_sums);
 void mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads);
 
 #endif

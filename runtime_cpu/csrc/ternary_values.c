@@ -23,19 +23,58 @@
 #define SCALE_BLOCK (1 << 16) /* exporters/ternary.py SCALE_BLOCK */
 #define LANES 16
 
-double mote_abs_sum_f32(const float *w, int64_t n) {
-    double total = 0.0;
-    for (int64_t b = 0; b < n; b += SCALE_BLOCK) {
-        const int64_t len = n - b < SCALE_BLOCK ? n - b : SCALE_BLOCK, rows = len / LANES;
-        const float *x = w + b;
-        double lane[LANES] = {0};
-        for (int64_t r = 0; r < rows; r++)
-            for (int j = 0; j < LANES; j++) lane[j] += (double)__builtin_fabsf(x[r * LANES + j]);
-        double s = 0.0;
-        for (int j = 0; j < LANES; j++) s += lane[j];
-        for (int64_t i = rows * LANES; i < len; i++) s += (double)__builtin_fabsf(x[i]);
-        total += s;
+static double block_abs_sum(const float *x, int64_t len) {
+    const int64_t rows = len / LANES;
+    double lane[LANES] = {0};
+    for (int64_t r = 0; r < rows; r++)
+        for (int j = 0; j < LANES; j++) lane[j] += (double)__builtin_fabsf(x[r * LANES + j]);
+    double s = 0.0;
+    for (int j = 0; j < LANES; j++) s += lane[j];
+    for (int64_t i = rows * LANES; i < len; i++) s += (double)__builtin_fabsf(x[i]);
+    return s;
+}
+
+typedef struct {
+    const float *w;
+    int64_t n, b0, b1; /* blocks b0 .. b1 - 1 */
+    double *sums;
+} sum_job;
+
+static void *sum_thread(void *arg) {
+    const sum_job *j = (const sum_job *)arg;
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const int64_t lo = b * SCALE_BLOCK, len = j->n - lo < SCALE_BLOCK ? j->n - lo : SCALE_BLOCK;
+        j->sums[b] = block_abs_sum(j->w + lo, len);
     }
+    return NULL;
+}
+
+enum { MAX_JOBS = 64, MIN_PER_JOB = 1 << 18 };
+
+static int jobs_for(int64_t n, int threads) {
+    if (threads > MAX_JOBS) threads = MAX_JOBS;
+    if (threads > n / MIN_PER_JOB) threads = (int)(n / MIN_PER_JOB);
+    return threads < 1 ? 1 : threads;
+}
+
+/* Block sums on `threads` threads (into `sums`, one per block), added here in block order: the same total
+ * whoever summed each block. */
+double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *sums) {
+    const int64_t blocks = (n + SCALE_BLOCK - 1) / SCALE_BLOCK;
+    const int t_n = jobs_for(n, threads);
+    sum_job jobs[MAX_JOBS];
+    pthread_t tid[MAX_JOBS];
+    int started[MAX_JOBS] = {0};
+    for (int t = 0; t < t_n; t++) {
+        jobs[t] = (sum_job){w, n, blocks * t / t_n, blocks * (t + 1) / t_n, sums};
+        started[t] = t > 0 && pthread_create(&tid[t], NULL, sum_thread, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < t_n; t++)
+        if (!started[t]) sum_thread(&jobs[t]);
+    for (int t = 1; t < t_n; t++)
+        if (started[t]) pthread_join(tid[t], NULL);
+    double total = 0.0;
+    for (int64_t b = 0; b < blocks; b++) total += sums[b];
     return total;
 }
 
@@ -61,9 +100,7 @@ static void *values_thread(void *arg) {
 }
 
 void mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads) {
-    enum { MAX_JOBS = 64, MIN_PER_JOB = 1 << 18 };
-    if (threads > MAX_JOBS) threads = MAX_JOBS;
-    if (threads > n / MIN_PER_JOB) threads = (int)(n / MIN_PER_JOB);
+    threads = jobs_for(n, threads);
     if (threads < 2) {
         values_range(w, out, n, s);
         return;
