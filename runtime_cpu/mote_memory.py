@@ -78,10 +78,11 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
 
     def key(name):
         v = h.arch_key(name)
+        full = f"{arch}.{name}" if isinstance(arch, str) and arch.isprintable() else f"{arch!r}.{name}"  # (a file's bytes)
         if v is None:
-            raise MoteExportError(f"{model_path}: no {arch}.{name}; not a model file the mote engine runs")
+            raise MoteExportError(f"{model_path}: no {full}; not a model file the mote engine runs")
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise MoteExportError(f"{model_path}: {arch}.{name} is {v!r}; a positive integer is needed")
+            raise MoteExportError(f"{model_path}: {full} is {v!r}; a positive integer is needed")
         return int(v)
 
     if n_ctx is None:
@@ -96,6 +97,9 @@ def plan_resident(model_path: str | Path, mmproj_path: str | Path | None, n_ctx:
         role, numel = roles[name], math.prod(t.dims)
         if role == "unused":
             continue
+        if not t.dims or 0 in t.dims:  # the sizes below divide by them
+            raise MoteExportError(f"{model_path}: {name!r} has shape {list(t.dims)}; a tensor the model uses needs "
+                                  "every dimension at least 1")
         # matrices the C float kernels read in place (the loader's Loader.in_place); the router stays numpy
         c_float = (kernel != "numpy" and t.qtype in C_FLOAT_TYPES and t.qtype != T.F32 and len(t.dims) >= 2
                    and ".ffn_gate_inp." not in name)

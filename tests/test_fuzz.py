@@ -208,13 +208,23 @@ def test_a_graph_that_runs_with_the_wrong_output_shape_is_one_error_line(fuzzer,
 @pytest.mark.parametrize("plan, says", [
     # mote_memory.plan_resident: a routed-expert tensor's dims rewritten to fewer than 3 (IndexError)
     ((("llm", ([("u64", 10039, ("rel", "*2")), ("u64", 12233, ("abs", 4294967295)), ("offset", 54, 5, 4096)],
-               ("truncate", 460928, 0))), "mad"), "routed experts are"),
+               ("truncate", 460928, 0))), "mad"), "has shape []"),  # (now caught as no dims at all)
     # tokenize.GGUFTokenizer: a special token id past the vocabulary (IndexError)
     ((("llm", ([("scalar", 22, 32768), ("scalar", 22, 32768), ("u32", 11855, ("rel", "*2"))], None)), "mad"),
      "expected a token id"),
-], ids=["expert dims", "token id"])
+    # seed 17, 100,000 cases: mote_memory.plan_resident on a tensor whose dims are [] (IndexError) or hold a
+    # 0 (ZeroDivisionError, two places), and an architecture name with a newline in it (a two-line message)
+    ((("llm", ([("scalar", 17, 255), ("scalar", 21, 2147483647), ("f32", 2049, 3.4e+38)], ("delete", 12209, 24))),
+      "numpy"), "has shape []"),
+    ((("llm", ([("u64", 11199, ("abs", 0)), ("ttype", 64, 15), ("u64", 11199, ("abs", 0))], None)), "lut"),
+     "needs every dimension at least 1"),
+    ((("llm", ([("f32", 1957, float("inf")), ("u64", 12087, ("abs", 0)), ("f32", 1861, float("nan"))], None)), "mad"),
+     "needs every dimension at least 1"),
+    ((("llm", ([("flip", 68, 57), ("flip", 68, 1)], ("drop_kv", 20))), "lut"), "'qwen\\nmoe'"),
+], ids=["expert dims", "token id", "no dims", "zero dim", "zero K", "newline in arch"])
 def test_fixed_model_findings_are_one_error_line(plan, says, fuzzer, worker, tmp_path):
-    """Two cases the fuzz program drew (seed 16, reader model) that raised IndexError: now one error line."""
+    """Cases the fuzz program drew (reader model; seeds 16 and 17) that raised IndexError / ZeroDivisionError
+    or gave a two-line message: now one error line."""
     res = _run(fuzzer, worker, "model", plan, tmp_path)
     assert res["outcome"] == "rejected" and says in res["message"], res
 
