@@ -5,6 +5,7 @@ processor settings."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,21 @@ def read_json(path: Path) -> dict:
 
 _SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 _OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings")
-_INFO_SIZES = ("image_size", "image_seq_length")
 
 
-def count(v, least: int = 1) -> bool:
-    """v is an int (not a bool) >= least."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+SIZE_MAX = 2 ** 31 - 1  # a width, count or token id past int32 is a corrupt value, not a model
+IMAGE_SIZE_MAX = 8192  # pixels a side (SigLIP is 224-512): a larger one is a resize to gigabytes
+NAME_MAX = 255  # bytes of a file name (Linux, macOS, Windows); a longer one fails in stat as ENAMETOOLONG
+
+
+def count(v, least: int = 1, most: int = SIZE_MAX) -> bool:
+    """v is an int (not a bool) in [least, most]."""
+    return isinstance(v, int) and not isinstance(v, bool) and least <= v <= most
+
+
+def _file_name(v) -> bool:
+    return (isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\0" not in v
+            and len(v.encode("utf-8", "surrogatepass")) <= NAME_MAX)
 
 
 def folder_config(folder: Path) -> dict:
@@ -45,17 +55,26 @@ def folder_config(folder: Path) -> dict:
                               "expected a folder written by mote-export --format onnx")
     bad = [k for k in _SIZES if not count(cfg.get(k))]
     bad += [k for k in _OPTIONAL_SIZES if cfg.get(k) is not None and not count(cfg[k])]
-    bad += [f"mote_onnx.{k}" for k in _INFO_SIZES if not count(info.get(k))]
-    bad += [] if count(info.get("image_token_index"), 0) else ["mote_onnx.image_token_index"]
+    bad += [] if count(info.get("image_size"), 1, IMAGE_SIZE_MAX) else ["mote_onnx.image_size"]
+    bad += [] if count(info.get("image_seq_length")) else ["mote_onnx.image_seq_length"]
+    vocab = cfg.get("vocab_size") if count(cfg.get("vocab_size")) else 1
+    bad += [] if count(info.get("image_token_index"), 0, vocab - 1) else ["mote_onnx.image_token_index"]
     files = info.get("files") or {}
-    if not isinstance(files, dict) or not all(isinstance(v, str) and v and "/" not in v and v not in (".", "..")
-                                              for v in files.values()):
-        bad.append("mote_onnx.files (file names in the folder)")
-    if not isinstance(cfg.get("mote") or {}, dict):
-        bad.append("mote")
+    if not isinstance(files, dict) or not all(_file_name(v) for v in files.values()):
+        bad.append(f"mote_onnx.files (file names in the folder, at most {NAME_MAX} bytes)")
+    mote = cfg.get("mote") or {}
+    if not isinstance(mote, dict) or not (mote.get("num_experts") is None or count(mote["num_experts"])):
+        bad.append("mote (a dict; num_experts a positive integer)")
     if bad:
         raise MoteExportError(f"{folder}/config.json: {', '.join(bad)} missing or of the wrong type (sizes are "
-                              "positive integers); export the folder again with mote-export --format onnx")
+                              f"integers 1 to {SIZE_MAX}, image_size at most {IMAGE_SIZE_MAX}, the image token "
+                              "below vocab_size); export the folder again with mote-export --format onnx")
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if cfg["hidden_size"] % heads or heads % kv_heads:
+        raise MoteExportError(f"{folder}/config.json: hidden_size {cfg['hidden_size']}, num_attention_heads {heads} "
+                              f"and num_key_value_heads {kv_heads} do not divide (Qwen2 needs heads | hidden and "
+                              "kv_heads | heads); export the folder again with mote-export --format onnx")
     return cfg
 
 
@@ -72,8 +91,13 @@ def image_processor(folder: Path) -> dict:
                           "preprocessor_config.json)")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    """A JSON number pixel_values can take as float32 (an int of any size, a float, not a bool, NaN or inf)."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+            and abs(v) <= _F32_MAX)
 
 
 def _check_processor(proc: dict, where: Path) -> None:

@@ -87,7 +87,7 @@ def resolve_inputs(model_arg: str | Path, mmproj_arg: str | Path | None) -> tupl
 
 def default_n_ctx(cfg: dict) -> int:
     """The trained context, at most 2048 (the llama.cpp engine's rule)."""
-    return min(int(cfg.get("max_position_embeddings", 2048)), 2048)
+    return min(int(cfg.get("max_position_embeddings") or 2048), 2048)  # null: Qwen2's config allows it
 
 
 # ---- memory plan ---------------------------------------------------------------------------------------------
@@ -203,6 +203,11 @@ class Session:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise MoteExportError(f"onnxruntime could not load {path} ({first[:300]}); export the folder "
                                       "again with mote-export --format onnx") from None
+        inputs = self.sessions["vision"].get_inputs()  # pixel_values' sides are static in an export; a symbol: any
+        side = list(getattr(inputs[0], "shape", None) or [])[-2:] if inputs else []
+        if any(isinstance(d, int) and d != self.image_size for d in side):
+            raise MoteExportError(f"{self.folder}: config.json's image_size {self.image_size} is not the size "
+                                  f"vision.onnx takes ({side}); export the folder again with mote-export --format onnx")
         try:
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         except Exception as exc:
@@ -225,6 +230,9 @@ class Session:
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of one user turn (image first, then the question) with the assistant prompt, the image
         placeholder expanded to the image tokens."""
+        if self.n_image >= self.n_ctx:  # before the placeholder is expanded to that many tokens
+            raise MoteExportError(f"the image takes {self.n_image} tokens (image_seq_length), more than n_ctx "
+                                  f"{self.n_ctx} allows; raise --n-ctx")
         question = question.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         text = render_chat(self.template, messages, **self.special)

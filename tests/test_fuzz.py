@@ -185,6 +185,35 @@ def test_a_graph_that_loads_but_does_not_run_is_one_error_line(fuzzer, worker, t
     assert res["outcome"] == "rejected" and "could not run embedding.onnx" in res["message"], res
 
 
+@pytest.mark.parametrize("plan, says", [
+    # the long run, seed 17: config.json / processor_config.json values the folder loader passed on unchecked
+    ([("json", "config.json", 714, "set", 2**63)], "image_seq_length"),  # '<image>' * 2**63: OverflowError
+    # an int std or mean: np.isfinite's TypeError; float32 holds 1e30, so these now answer (None: "ok")
+    ([("json", "processor_config.json", 3346, "set", 10**30)], None),
+    ([("json", "processor_config.json", 942, "set", 10**30), ("json", "genai_config.json", 362879, "set", True)],
+     None),
+    ([("json", "config.json", 13, "set", None)], None),  # max_position_embeddings null (Qwen2 allows it): int(None)
+    ([("json", "config.json", 2812, "set", "x" * 5000)], "file names"),  # a data file name: ENAMETOOLONG in stat
+    ([("json", "config.json", 18, "set", 2**63), ("proto", "embedding.onnx", "function_drop", 413, 471406)],
+     "num_key_value_heads"),  # 2**63 KV heads: np.zeros' ValueError
+    ([("json", "config.json", 127, "set", 10**30), ("text", "genai_config.json", "nonutf8", 0.07764260032390013, 49)],
+     "image_size"),  # a 10**30-pixel side: PIL's OverflowError in resize
+])
+def test_fixed_onnx_config_findings_are_one_error_line(plan, says, fuzzer, worker, tmp_path):
+    res = _run(fuzzer, worker, "onnx", plan, tmp_path)
+    assert res["outcome"] == ("ok" if says is None else "rejected"), res
+    assert says is None or says in res["message"], res
+
+
+@pytest.mark.parametrize("std, outcome", [(1, "ok"), (10**38, "ok"), (10**39, "rejected"), (-(10**400), "rejected")],
+                         ids=["1", "1e38", "1e39", "-1e400"])
+def test_an_int_std_runs_where_float32_holds_it(std, outcome, fuzzer, worker, tmp_path):
+    """The int std fix: an int is a number (float32 takes it), past float32's range it is one error line."""
+    res = worker.run(_onnx_case(fuzzer, tmp_path, _json_edit(
+        "processor_config.json", lambda c: c["image_processor"].update(image_std=std))), 60)
+    assert res["outcome"] == outcome, res
+
+
 def test_onnx_mutation_flip_after_truncation_to_nothing():
     """A plan that truncates decoder.onnx to 0 bytes and then flips a byte of it (a case the fuzz program drew)
     leaves the empty file, rather than failing in the harness."""
