@@ -111,16 +111,17 @@ class GateCase:
 def shipped_kernels(out_type: str = "*bf16") -> list[GateCase]:
     """Every config in w2a8.SHIPPED with the argument types the wrappers launch (bf16 output, as the
     engine stores), aligned pointers and the 16-divisible sizes of the real shapes (K, N, KW, strides)."""
+    from . import ternary_train as tt
     from . import w2a8 as W
 
     cases = []
-    q = W.SHIPPED["quant"]["act"]
+    q = dict(tt.CONFIGS["act_quant_int8"], WITH_SUM=True)  # quantize_act's launch of training's quantiser
     cases.append(GateCase(
-        "quant/act", W._quant_act_kernel,
-        {"x_ptr": "*bf16", "xq_ptr": "*i8", "xs_ptr": "*fp32", "xsum_ptr": "*i32", "K": "i32",
-         "stride_x": "i32", "stride_q": "i32"},
-        {"BLOCK": q["BLOCK"]}, ("x_ptr", "xq_ptr", "xs_ptr", "xsum_ptr", "K", "stride_x", "stride_q"),
-        {"num_warps": q["num_warps"], "enable_fp_fusion": False},
+        "quant/act", tt.act_quant_int8_kernel,
+        {"x_ptr": "*bf16", "q_ptr": "*i8", "step_ptr": "*fp32", "sum_ptr": "*i32", "K": "i32",
+         "stride_x": "i32", "stride_q": "i32", "eps": "fp32"},
+        {"BLOCK_K": q["BLOCK_K"], "WITH_SUM": True}, ("x_ptr", "q_ptr", "step_ptr", "sum_ptr", "K", "stride_x", "stride_q"),
+        {"num_warps": q["num_warps"]} | tt.OPTIONS["act_quant_int8"],
         {80: ("ld.global.v4", "div.rn.f32"), 90: ("ld.global.v4", "div.rn.f32")}, forbid=("fma.",)))
     lin = {"xq_ptr": "*i8", "xsum_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i32", "ws_ptr": "*fp32",
            "out_ptr": out_type, "part_ptr": "*i32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",

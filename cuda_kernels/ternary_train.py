@@ -38,7 +38,7 @@ CONFIGS = {
     "absmean_partial": dict(BLOCK=4096, num_warps=4),
     "absmean_finish": dict(BLOCK=1024, num_warps=4),
     "ternary_codes": dict(BLOCK=2048, num_warps=4),
-    "act_quant_int8": dict(BLOCK_K=1024, num_warps=4),
+    "act_quant_int8": dict(BLOCK_K=1024, WITH_SUM=False, num_warps=4),  # w2a8.quantize_act: WITH_SUM=True
     "int8_gemm": dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=3),
     "grouped_int8_gemm": dict(BLOCK_N=64, BLOCK_M=128, BLOCK_K=64, num_warps=4, num_stages=3),
 }
@@ -79,9 +79,12 @@ def ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def act_quant_int8_kernel(x_ptr, q_ptr, step_ptr, K, stride_x, stride_q, eps, BLOCK_K: tl.constexpr):
+def act_quant_int8_kernel(x_ptr, q_ptr, step_ptr, sum_ptr, K, stride_x, stride_q, eps, BLOCK_K: tl.constexpr,
+                          WITH_SUM: tl.constexpr):
     """One row (token) per program: amax = max(max|x|, eps), q = clamp(round(x * (127 / amax))),
-    step = amax / 127 (so the value of q is q * step, mote_edge.quant.quantize_activation_int8)."""
+    step = amax / 127 (so the value of q is q * step, mote_edge.quant.quantize_activation_int8).
+    WITH_SUM: also sum[row] = sum of q, which the W2A8 kernels subtract (their codes are stored + 1); the one
+    per-token quantiser of training (without) and inference (w2a8.quantize_act, with)."""
     row = tl.program_id(0).to(tl.int64)
     x_row, q_row = x_ptr + row * stride_x, q_ptr + row * stride_q
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -91,15 +94,22 @@ def act_quant_int8_kernel(x_ptr, q_ptr, step_ptr, K, stride_x, stride_q, eps, BL
         amax = tl.maximum(amax, tl.abs(x))
     amax_s = tl.maximum(tl.max(amax, axis=0), eps)
     # torch evaluates quant.py's `QB / amax` as amax.reciprocal() * QB: two IEEE roundings, not one division
+    # (div_rn: Triton's plain `/` is approximate on the GPU)
     r = tl.div_rn(tl.full([], 1.0, tl.float32), amax_s) * QB
+    total = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for start in range(0, K, BLOCK_K):
         offs = start + tl.arange(0, BLOCK_K)
         mask = offs < K
         y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) * r
+        # launched with enable_fp_fusion=False (OPTIONS), so the multiply is never fused into this add
         y = (y + ROUND_MAGIC) - ROUND_MAGIC
-        y = tl.minimum(tl.maximum(y, -QB - 1.0), QB)
-        tl.store(q_row + offs, y.to(tl.int8), mask=mask)
+        q = tl.minimum(tl.maximum(y, -QB - 1.0), QB).to(tl.int32)
+        tl.store(q_row + offs, q.to(tl.int8), mask=mask)
+        if WITH_SUM:
+            total += q
     tl.store(step_ptr + row, tl.div_rn(amax_s, QB))
+    if WITH_SUM:
+        tl.store(sum_ptr + row, tl.sum(total, axis=0))
 
 
 @triton.jit
@@ -214,7 +224,7 @@ def act_quant_int8(x, q_out=None, step_out=None):
     q = torch.empty((n, k), dtype=torch.int8, device=x.device) if q_out is None else q_out
     step = torch.empty(n, dtype=torch.float32, device=x.device) if step_out is None else step_out
     if n:
-        _launch(act_quant_int8_kernel, "act_quant_int8", (n,), x, q, step, k, x.stride(0), q.stride(0), EPS)
+        _launch(act_quant_int8_kernel, "act_quant_int8", (n,), x, q, step, step, k, x.stride(0), q.stride(0), EPS)
     return q, step
 
 

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..exporters.errors import MoteExportError
+from . import ternary_train as tt
 
 QB = 127
 EPS = 1e-5
@@ -44,7 +45,6 @@ CODES_PER_WORD = 16
 # each compiles for sm_80 / sm_90a without spills (compile_gate); not yet timed on a GPU: device_check's
 # sweeps and decode picks are the measurements to choose them (and GEMV_MAX_M, and CUDA C vs Triton) from.
 SHIPPED = {
-    "quant": {"act": dict(BLOCK=1024, num_warps=4)},
     # CUDA-core GEMV (multiply + tl.sum): the weight tile is decoded once and used for every token.
     # SPLIT_K = 0: split K until the launch has about two programs per SM (split_k_for); the down
     # projection (N = hidden) has too few row tiles to keep a GPU's memory busy otherwise
@@ -191,34 +191,6 @@ def ref_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _quant_act_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
-    """One token per program: absmax pass, then quantize pass (x read twice; K is one row)."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    x_row = x_ptr + row * stride_x
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    a = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    # torch evaluates quant.py's `QB / amax` as amax.reciprocal() * QB (Tensor.__rdiv__): two roundings,
-    # both IEEE (div_rn: Triton's plain `/` is approximate on the GPU)
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), a) * 127.0
-    total = tl.zeros([BLOCK], tl.int32)
-    for k0 in range(0, K, BLOCK):
-        m = k0 + offs < K
-        v = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32) * inv
-        # round half to even: adding 1.5 * 2^23 leaves an fp32 whose ulp is 1 (there is no tl.round);
-        # launched with enable_fp_fusion=False, so the multiply is never fused into this add
-        r = (v + 12582912.0) - 12582912.0
-        q = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int32)
-        tl.store(xq_ptr + row * stride_q + k0 + offs, q.to(tl.int8), mask=m)
-        total += q
-    tl.store(xs_ptr + row, tl.math.div_rn(a, tl.full([], 127.0, tl.float32)))
-    tl.store(xsum_ptr + row, tl.sum(total, axis=0))
-
 
 @triton.jit
 def _store_out(acc, offs_m, m_mask, offs_n, n_mask, xsum_ptr, xs_ptr, ws, out_ptr, stride_om,
@@ -397,10 +369,9 @@ def quantize_act(x: torch.Tensor, out: QuantizedAct | None = None) -> QuantizedA
     xq = _out(out and out.xq, (m, k), torch.int8, x.device, "quantize_act")
     xs = _out(out and out.xs, (m,), torch.float32, x.device, "quantize_act")
     xsum = _out(out and out.xsum, (m,), torch.int32, x.device, "quantize_act")
-    cfg = SHIPPED["quant"]["act"]
-    if m:
-        _quant_act_kernel[(m,)](x, xq, xs, xsum, k, x.stride(0), xq.stride(0), BLOCK=cfg["BLOCK"],
-                                num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    if m:  # training's per-token quantiser, with the row sums
+        tt._launch(tt.act_quant_int8_kernel, "act_quant_int8", (m,), x, xq, xs, xsum, k, x.stride(0), xq.stride(0),
+                   tt.EPS, WITH_SUM=True)
     return QuantizedAct(xq, xs, xsum)
 
 
