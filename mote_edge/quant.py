@@ -101,7 +101,7 @@ def ternary_values(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     if c is None:
         return F.hardshrink(w, sv * 0.5).sign_().mul_(s)
     out = torch.empty_like(w)
-    c.values(w.data_ptr(), w.numel(), sv, out.data_ptr(), torch.get_num_threads())
+    c.values(w.data_ptr(), w.numel(), sv, out.data_ptr())
     return out
 
 
@@ -109,16 +109,23 @@ class _CKernels:
     """runtime_cpu's C forms of the scale's sum and of ternary_values (csrc/ternary_values.c)."""
 
     def __init__(self, L):
-        self._sum, self.values = L.mote_abs_sum_f32, L.mote_ternary_values_f32
-        self._sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+        self._sum, self._values = L.mote_abs_sum_f32, L.mote_ternary_values_f32
+        self._sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         self._sum.restype = ctypes.c_double
-        self.values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-        self.values.restype = None
+        self._values.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_int]
+        self._values.restype = ctypes.c_int
 
-    def abs_sum(self, n: int, ptr: int, threads: int | None = None) -> float:
-        """exporters/ternary.py abs_sum of n float32 at ptr, its blocks on torch's thread count."""
+    def abs_sum(self, n: int, ptr: int, threads: int | None = None, isa: int = -1) -> float:
+        """exporters/ternary.py abs_sum of n float32 at ptr, its blocks on torch's thread count; isa: a
+        runtime_cpu.clib ISA level (-1: the best this CPU runs; one it does not run gives NaN)."""
         sums = (ctypes.c_double * max(1, -(-n // _tern.SCALE_BLOCK)))()
-        return self._sum(ptr, n, threads or torch.get_num_threads(), sums)
+        return self._sum(ptr, n, threads or torch.get_num_threads(), sums, isa)
+
+    def values(self, src: int, n: int, s: float, dst: int, threads: int | None = None, isa: int = -1) -> bool:
+        """ternary_values of n float32 at src into dst for a finite scale s; isa as abs_sum's (-1: the best
+        path for this size); False: this CPU does not run isa, nothing written."""
+        return self._values(src, n, s, dst, threads or torch.get_num_threads(), isa) == 0
 
 
 _C_KERNELS: list = []

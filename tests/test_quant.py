@@ -1,3 +1,6 @@
+import itertools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +105,48 @@ def test_fake_quant_weight_equals_the_division_form_at_the_rounding_edges(form, 
     assert torch.equal(fake_quant_weight(wb), _division_form(wb.float(), ternary_scale(wb)).bfloat16())
 
 
+def test_c_values_are_the_division_form_on_every_isa_path():
+    """The C values pass on each ISA path this CPU runs (AVX512: 16 at a time with streaming stores from the
+    output's first 64-byte boundary) gives the division form's bits: outputs that start off and on that
+    boundary (out + 0..16 floats), lengths around a multiple of 16, the rounding edges in the vector body and
+    in the scalar ends, 1-3 threads; a level this CPU does not run writes nothing."""
+    from mote_edge import quant
+    from mote_edge.runtime_cpu import clib
+
+    c = quant._c_kernels()
+    assert c is not None
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
+    for isa in clib.isas_here():
+        for i, (shift, n) in enumerate(itertools.product(range(17), (1, 15, 16, 17, 47, 200, 1003))):
+            sv = float(10 ** (torch.rand(1, generator=g) * 6 - 4))
+            s = torch.tensor(sv, dtype=torch.float32)
+            half = (torch.tensor([0.5]) * s).float()
+            above, below = torch.nextafter(half, up), torch.nextafter(half, down)
+            edge = torch.cat([half, above, below, s.reshape(1), torch.tensor([0.0, -0.0, 1e30])])
+            w = torch.randn(n, generator=g) * s
+            k = min(n, 2 * edge.numel())
+            w[(i * 5) % (n - k + 1):][:k] = torch.cat([edge, -edge])[:k]
+            buf = torch.full((n + 32,), float("nan"))  # poisoned: an unwritten value shows
+            out = buf[shift:shift + n]
+            for threads in (1, 2, 3):
+                buf.fill_(float("nan"))
+                assert c.values(w.data_ptr(), n, sv, out.data_ptr(), threads, clib.ISAS[isa])
+                want = _division_form(w, s)
+                assert torch.equal(out, want) and torch.equal(out.signbit(), want.signbit()), (isa, shift, n)
+                assert buf[:shift].isnan().all() and buf[shift + n:].isnan().all(), (isa, shift, n)  # no write outside
+    big = torch.randn(3 * (1 << 18) + 37, generator=g) * 0.02  # thread ranges that split the vector body unevenly
+    sv = float(ternary_scale(big))
+    buf = torch.full((big.numel() + 8,), float("nan"))
+    for isa, threads in itertools.product(clib.isas_here(), (1, 2, 3)):
+        assert c.values(big.data_ptr(), big.numel(), sv, buf[3:].data_ptr(), threads, clib.ISAS[isa])
+        assert torch.equal(buf[3:3 + big.numel()], _division_form(big, torch.tensor(sv))), (isa, threads)
+    w, out = torch.ones(64), torch.full((64,), 7.0)
+    for name, level in clib.ISAS.items():
+        if name not in clib.isas_here():
+            assert not c.values(w.data_ptr(), 64, 1.0, out.data_ptr(), 1, level) and (out == 7).all(), name
+
+
 @pytest.mark.parametrize("form", ["c", "numpy"])
 def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
     """Training's scale (the C sum, or numpy's without the C library) is the exporter's float32 bit for bit,
@@ -111,20 +156,26 @@ def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
 
     from mote_edge import quant
     from mote_edge.exporters import ternary as tern
+    from mote_edge.runtime_cpu import clib
 
     if form == "numpy":
         monkeypatch.setattr(quant, "_C_KERNELS", [None])
     else:
         assert quant._c_kernels() is not None
+        isas = clib.isas_here()
+        w = torch.ones(64)  # a level this CPU does not run is NaN, not a wrong sum
+        absent = [i for n, i in clib.ISAS.items() if n not in isas]
+        assert all(math.isnan(quant._c_kernels().abs_sum(64, w.data_ptr(), 1, i)) for i in absent), absent
     rng = np.random.default_rng(0)
     B = tern.SCALE_BLOCK
     for n in (1, 5, 16, 17, B - 1, B, B + 15, 3 * B + 37, 4864 * 896):
         w = rng.standard_normal(n).astype(np.float32) * np.exp2(rng.uniform(-25, 5, n)).astype(np.float32)
         want = tern.ternary_scale(w)
         assert ternary_scale(torch.from_numpy(w)).item() == float(want), n
-        if form == "c":  # blocks split over 1-3 threads, added in order: the same total
-            for threads in (1, 2, 3):
-                assert quant._c_kernels().abs_sum(n, torch.from_numpy(w).data_ptr(), threads) == tern.abs_sum(w), n
+        if form == "c":  # blocks split over 1-3 threads, added in order, on every ISA path: the same total
+            for isa, threads in itertools.product(isas, (1, 2, 3)):
+                got = quant._c_kernels().abs_sum(n, torch.from_numpy(w).data_ptr(), threads, clib.ISAS[isa])
+                assert got == tern.abs_sum(w), (n, isa, threads)
         exact = np.abs(w.astype(np.float64)).sum()
         assert abs(tern.abs_sum(w) - exact) <= 1e-12 * exact  # a float64 sum: far below a float32 ulp
     assert ternary_scale(torch.zeros(7, 9)).item() == np.float32(tern.EPS)

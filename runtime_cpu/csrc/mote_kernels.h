@@ -63,8 +63,9 @@ typedef struct {
 int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multiply-add (ternary_mad.c) */
 int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
-/* training (ternary_values.c): sum |w| in the exporter's order; codes * s for a finite scale s on `threads` threads */
-double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *block_sums);
-void mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads);
+/* training (ternary_values.c): sum |w| in the exporter's order (every isa the same bits; one that does not run:
+ * NaN); codes * s for a finite scale s on `threads` threads (every isa the same values; -1: isa does not run) */
+double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *block_sums, int isa);
+int mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads, int isa);
 
 #endif
