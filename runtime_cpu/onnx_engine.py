@@ -41,6 +41,38 @@ def _ort():
     return onnxruntime
 
 
+def _nodes(graph):
+    """Every node of a graph and of the graphs in its nodes' attributes (If / Loop / Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _nodes(g)
+
+
+def check_graph(path: Path) -> None:
+    """Refuse, before onnxruntime parses it, a graph that makes onnxruntime's loader abort the process (a C++
+    assertion, no exception to catch): a Split whose num_outputs is below its outputs' count indexes past its
+    split sizes in ONNX's shape inference (onnx 1.23 and the copy in onnxruntime 1.32; onnx/onnx#8255 fixes
+    it upstream). Found by the fuzz program (a changed int attribute). A file onnx cannot parse is left to
+    onnxruntime, whose error says why."""
+    try:
+        import onnx
+    except ImportError:
+        raise MoteExportError("the onnxruntime engine needs onnx (to check a graph before onnxruntime loads it), "
+                              "which this install lacks; pip install 'mote-edge[onnx]'") from None
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and onnx's own; onnxruntime reports the file next
+        return
+    for node in [*_nodes(model.graph), *(n for f in model.functions for n in f.node)]:
+        n_out = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if node.op_type == "Split" and n_out is not None and n_out < len(node.output):
+            raise MoteExportError(f"{path}: Split node {node.name!r} has num_outputs {n_out} for {len(node.output)} "
+                                  "outputs (onnxruntime would abort on it); export the folder again with "
+                                  "mote-export --format onnx")
+
+
 def _run(session, what: str, feed: dict) -> list:
     """session.run; onnxruntime's own exception types (a graph that loads but does not run) are one line."""
     try:
@@ -197,6 +229,7 @@ class Session:
             so.inter_op_num_threads = 1
             if profile_prefix and key == "decoder":  # the decoder alone: the report times decode steps
                 so.enable_profiling, so.profile_file_prefix = True, str(profile_prefix)
+            check_graph(path)
             try:
                 self.sessions[key] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own exception types; all mean a broken file

@@ -205,6 +205,14 @@ def test_fixed_onnx_config_findings_are_one_error_line(plan, says, fuzzer, worke
     assert says is None or says in res["message"], res
 
 
+def test_a_split_that_aborts_onnxruntime_is_one_error_line(fuzzer, worker, tmp_path):
+    """onnx_engine.check_graph: decoder.onnx with a Split's num_outputs changed to 1 for its 2 outputs (seed 18)
+    made onnxruntime's loader abort the process (SIGABRT in ONNX's shape inference); now refused first."""
+    plan = [("json", "generation_config.json", 72, "wrongtop", 0), ("proto", "decoder.onnx", "attr_int", 999999, 8249)]
+    res = _run(fuzzer, worker, "onnx", plan, tmp_path)
+    assert res["outcome"] == "rejected" and "Split node" in res["message"] and "decoder.onnx" in res["message"], res
+
+
 @pytest.mark.parametrize("std, outcome", [(1, "ok"), (10**38, "ok"), (10**39, "rejected"), (-(10**400), "rejected")],
                          ids=["1", "1e38", "1e39", "-1e400"])
 def test_an_int_std_runs_where_float32_holds_it(std, outcome, fuzzer, worker, tmp_path):
