@@ -5,7 +5,6 @@ processor settings."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +95,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 def _number(v) -> bool:
     """A JSON number pixel_values can take as float32 (an int of any size, a float, not a bool, NaN or inf)."""
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
-            and abs(v) <= _F32_MAX)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _F32_MAX  # NaN, inf: False
 
 
 def _check_processor(proc: dict, where: Path) -> None:
