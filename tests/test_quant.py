@@ -105,7 +105,23 @@ def test_fake_quant_weight_equals_the_division_form_at_the_rounding_edges(form, 
     assert torch.equal(fake_quant_weight(wb), _division_form(wb.float(), ternary_scale(wb)).bfloat16())
 
 
-def test_c_values_are_the_division_form_on_every_isa_path():
+@pytest.fixture(params=["torch-openmp", "pthreads"])
+def threads_on(request):
+    """The C training kernels' threads: torch's OpenMP team (what the training step uses where torch runs on
+    OpenMP) or short-lived pthreads (no team); every C test runs on both."""
+    from mote_edge import quant
+
+    c = quant._c_kernels()
+    assert c is not None
+    team = quant.torch_openmp_parallel()
+    if request.param == "torch-openmp":
+        assert team, "torch's CPU build runs on OpenMP here; its GOMP_parallel must be found"
+    c.set_team(team if request.param == "torch-openmp" else None)
+    yield request.param
+    c.set_team(team)
+
+
+def test_c_values_are_the_division_form_on_every_isa_path(threads_on):
     """The C values pass on each ISA path this CPU runs (AVX512: 16 at a time with streaming stores from the
     output's first 64-byte boundary) gives the division form's bits: outputs that start off and on that
     boundary (out + 0..16 floats), lengths around a multiple of 16, the rounding edges in the vector body and
@@ -139,6 +155,7 @@ def test_c_values_are_the_division_form_on_every_isa_path():
     sv = float(ternary_scale(big))
     buf = torch.full((big.numel() + 8,), float("nan"))
     for isa, threads in itertools.product(clib.isas_here(), (1, 2, 3)):
+        buf.fill_(float("nan"))
         assert c.values(big.data_ptr(), big.numel(), sv, buf[3:].data_ptr(), threads, clib.ISAS[isa])
         assert torch.equal(buf[3:3 + big.numel()], _division_form(big, torch.tensor(sv))), (isa, threads)
     w, out = torch.ones(64), torch.full((64,), 7.0)
@@ -148,7 +165,7 @@ def test_c_values_are_the_division_form_on_every_isa_path():
 
 
 @pytest.mark.parametrize("form", ["c", "numpy"])
-def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
+def test_scale_is_the_exporters_bit_for_bit(form, threads_on, monkeypatch):
     """Training's scale (the C sum, or numpy's without the C library) is the exporter's float32 bit for bit,
     and the float64 sum itself equal: sizes that are and are not multiples of the lanes and of the block,
     magnitudes over 30 binades (where the order of a float64 sum shows), an all-zero matrix (EPS)."""
@@ -179,3 +196,89 @@ def test_scale_is_the_exporters_bit_for_bit(form, monkeypatch):
         exact = np.abs(w.astype(np.float64)).sum()
         assert abs(tern.abs_sum(w) - exact) <= 1e-12 * exact  # a float64 sum: far below a float32 ulp
     assert ternary_scale(torch.zeros(7, 9)).item() == np.float32(tern.EPS)
+
+
+def _torch_activation_values(x):
+    """int8_fake_quant's torch form, the definition: amax per row clamped to EPS, round half to even of
+    x * (127 / amax), clamp to int8, times amax / 127 (torch's float32 operations, in this order)."""
+    from mote_edge.quant import EPS
+
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    return (xf * (QB / amax)).round_().clamp_(-QB - 1, QB).mul_(amax / QB)
+
+
+def _ties(amax, m):
+    """Per row of amax, values x with x * inv exactly m + 1/2 in float32 for torch's inv = 127 / amax (which
+    torch computes as reciprocal times 127; one division would round to another float32 in about a quarter
+    of the rows and move these off the tie), and amax itself in column 0, so it stays the row's max."""
+    inv = QB / amax
+    want = (m + 0.5).float()
+    x = want / inv
+    for _ in range(3):  # walk to a float32 whose product is the tie (within a few ulps of the quotient)
+        p = x * inv
+        x = torch.where(p < want, torch.nextafter(x, x.new_tensor(float("inf"))),
+                        torch.where(p > want, torch.nextafter(x, x.new_tensor(-float("inf"))), x))
+    x = torch.where(x * inv == want, x, 0.0)
+    x[:, 0] = amax[:, 0]
+    return x
+
+
+def _same_bits(a, b):
+    """Equal values, signs of zero and NaN positions (a NaN's payload may differ)."""
+    return (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+            and torch.equal(a.signbit() & ~a.isnan(), b.signbit() & ~b.isnan()))
+
+
+def test_c_activation_values_are_torchs_on_every_isa_path(threads_on):
+    """The C per-token int8 values (csrc/ternary_values.c, what the training forward quantises its activations
+    with on CPU) equal torch's operations bit for bit on each ISA path this CPU runs: row lengths around the
+    8-wide vector body, half-way ties (round half to even), +-0, rows of zeros (EPS), magnitudes over 60
+    binades, a NaN or an inf in a row (the whole row NaN, as torch), outputs off any alignment with
+    poisoned ends, rows split over 1-3 threads; a level this CPU does not run writes nothing."""
+    from mote_edge import quant
+    from mote_edge.runtime_cpu import clib
+
+    c = quant._c_kernels()
+    assert c is not None
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for i, (rows, k) in enumerate(itertools.product((1, 3, 9), (1, 7, 8, 9, 15, 16, 17, 100, 896))):
+        x = torch.randn(rows, k, generator=g) * 10 ** (torch.rand(rows, 1, generator=g) * 60 - 30)
+        if i % 2:  # exact ties: x * (127 / amax) is m + 1/2 in float32, with each row's max kept in the row
+            x = _ties(x.abs().amax(-1, keepdim=True), torch.randint(-127, 127, (rows, k), generator=g))
+        x[:, 1::5] = -0.0 if i % 3 else 0.0  # (column 0 holds the ties' amax)
+        if i % 4 == 1:
+            x[0] = 0.0
+        if i % 5 == 2:
+            x[-1, k // 2] = float("nan") if i % 2 else float("inf")
+        cases.append(x)
+    cases.append(torch.randn(700, 1000, generator=g))  # enough for 2-3 threads, rows split unevenly
+    for x, isa, threads in itertools.product(cases, clib.isas_here(), (1, 2, 3)):
+        rows, k = x.shape
+        buf = torch.full((x.numel() + 19,), 7.0)
+        out = buf[3:3 + x.numel()]
+        assert c.act_fake_quant(x.data_ptr(), rows, k, out.data_ptr(), threads, clib.ISAS[isa])
+        assert _same_bits(out.view(rows, k), _torch_activation_values(x)), (isa, threads, rows, k)
+        assert (buf[:3] == 7).all() and (buf[3 + x.numel():] == 7).all(), (isa, threads, rows, k)
+    x, out = torch.ones(4, 8), torch.full((32,), 7.0)
+    for name, level in clib.ISAS.items():
+        if name not in clib.isas_here():
+            assert not c.act_fake_quant(x.data_ptr(), 4, 8, out.data_ptr(), 1, level) and (out == 7).all(), name
+
+
+def test_activation_values_take_the_c_form_only_where_it_applies():
+    """int8_fake_quant: contiguous float32 CPU tensors through C, anything else through torch, with the same
+    values either way (a transposed view, bfloat16, 3-d batches, an empty tensor); no gradient graph."""
+    from mote_edge.quant import int8_fake_quant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 40, generator=g, requires_grad=True)
+    y = int8_fake_quant(x)
+    assert not y.requires_grad and y.shape == x.shape and y.dtype == x.dtype
+    assert _same_bits(y, _torch_activation_values(x.detach()))
+    xt = torch.randn(40, 6, generator=g).t()
+    assert _same_bits(int8_fake_quant(xt), _torch_activation_values(xt))
+    xb = torch.randn(4, 33, generator=g).bfloat16()
+    assert torch.equal(int8_fake_quant(xb), _torch_activation_values(xb).bfloat16())
+    assert int8_fake_quant(torch.empty(0, 8)).shape == (0, 8)

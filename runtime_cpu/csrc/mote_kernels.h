@@ -64,8 +64,12 @@ int mote_tern_gemm_batch(const mote_tern_call *calls, int n, int isa);  /* multi
 int mote_lut_gemm_batch(const mote_tern_call *calls, int n, int isa);   /* lookup-table (ternary_lut.c) */
 
 /* training (ternary_values.c): sum |w| in the exporter's order (every isa the same bits; one that does not run:
- * NaN); codes * s for a finite scale s on `threads` threads (every isa the same values; -1: isa does not run) */
+ * NaN); codes * s for a finite scale s on `threads` threads (every isa the same values; -1: isa does not run);
+ * the per-token int8 values of T rows of K activations (contiguous; -1: isa does not run, -2: bad sizes) */
 double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *block_sums, int isa);
 int mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int threads, int isa);
+int mote_act_fake_quant_f32(const float *x, int64_t T, int64_t K, float eps, float *out, int threads, int isa);
+/* the threads of those three: torch's OpenMP team (libgomp's GOMP_parallel, or NULL: short-lived pthreads) */
+void mote_train_set_team(void *gomp_parallel);
 
 #endif

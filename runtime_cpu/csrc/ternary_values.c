@@ -1,5 +1,6 @@
-/* The training forward's ternary weights on CPU (mote_edge/quant.py): the absmean scale's sum and the values
- * codes * s, each in one pass over the latent float32 weights.
+/* The training forward's quantisation on CPU (mote_edge/quant.py): the absmean scale's sum and the values
+ * codes * s of the ternary weights, each in one pass over the latent float32 weights, and the per-token int8
+ * values of the activations.
  *
  * mote_abs_sum_f32 is exporters/ternary.py's ternary_scale sum in the same order, so the two agree bit for
  * bit: blocks of SCALE_BLOCK weights; in a block, 16 float64 lanes, lane j adding |w[16 r + j]| row after
@@ -13,9 +14,13 @@
  * to the division form: +-s for the kept weights, +0 for the rest. s must be finite (a NaN or inf
  * weight makes it not; the caller takes the division form then).
  *
- * The caller's threads (torch's intra-op count) split the matrix into contiguous ranges, each on a
- * short-lived pthread: the call is milliseconds long, so a thread start (~20 us) is noise, and the
- * kernel pool (pool.c), which spins between calls, would steal cores from torch's own threads. */
+ * The caller's threads (torch's intra-op count) split the work into contiguous ranges (jobs). They run on
+ * torch's own OpenMP team when the caller hands over its GOMP_parallel (mote_train_set_team): torch's
+ * workers spin for a while after each of its parallel regions, and threads of ours started beside them
+ * would share the cores with that spinning (measured inside a 0.5B training step: the scale's sum and the
+ * values took twice their time alone). Without a team each job but the first runs on a short-lived pthread:
+ * a call is milliseconds long, so a thread start (~20 us) is noise, and the kernel pool (pool.c), which
+ * spins between calls, would steal cores from torch's threads. */
 #include <pthread.h>
 
 #include "mote_kernels.h"
@@ -84,6 +89,44 @@ static int jobs_for(int64_t n, int threads) {
     return threads < 1 ? 1 : threads;
 }
 
+/* libgomp's entry point for `#pragma omp parallel`: fn(data) on each of num_threads team threads */
+typedef void (*team_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+static team_fn team;
+
+void mote_train_set_team(void *gomp_parallel) { __atomic_store_n(&team, (team_fn)gomp_parallel, __ATOMIC_RELEASE); }
+
+typedef void *(*job_fn)(void *);
+
+typedef struct {
+    job_fn fn;
+    char *jobs;
+    size_t size;
+    int n, next;
+} team_run;
+
+static void team_worker(void *arg) {
+    team_run *r = (team_run *)arg;
+    for (int i; (i = __atomic_fetch_add(&r->next, 1, __ATOMIC_RELAXED)) < r->n;) r->fn(r->jobs + (size_t)i * r->size);
+}
+
+/* fn on each of n jobs (an array of n structs of `size` bytes), all done on return */
+static void run_jobs(job_fn fn, void *jobs, size_t size, int n) {
+    char *J = (char *)jobs;
+    const team_fn t = __atomic_load_n(&team, __ATOMIC_ACQUIRE);
+    if (n > 1 && t) {
+        team_run r = {fn, J, size, n, 0};
+        t(team_worker, &r, (unsigned)n, 0);
+        return;
+    }
+    pthread_t tid[MAX_JOBS];
+    int started[MAX_JOBS] = {0};
+    for (int i = 1; i < n; i++) started[i] = pthread_create(&tid[i], NULL, fn, J + (size_t)i * size) == 0;
+    for (int i = 0; i < n; i++) /* job 0 runs on the calling thread; a thread that cannot start runs here too */
+        if (!started[i]) fn(J + (size_t)i * size);
+    for (int i = 1; i < n; i++)
+        if (started[i]) pthread_join(tid[i], NULL);
+}
+
 /* Block sums on `threads` threads (into `sums`, one per block), added here in block order: the same total
  * whoever summed each block, on whichever ISA path (MOTE_ISA_AUTO: the best; one that does not run: NaN). */
 double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *sums, int isa) {
@@ -93,16 +136,8 @@ double mote_abs_sum_f32(const float *w, int64_t n, int threads, double *sums, in
     const int64_t blocks = (n + SCALE_BLOCK - 1) / SCALE_BLOCK;
     const int t_n = jobs_for(n, threads);
     sum_job jobs[MAX_JOBS];
-    pthread_t tid[MAX_JOBS];
-    int started[MAX_JOBS] = {0};
-    for (int t = 0; t < t_n; t++) {
-        jobs[t] = (sum_job){w, n, blocks * t / t_n, blocks * (t + 1) / t_n, sums, block_sum};
-        started[t] = t > 0 && pthread_create(&tid[t], NULL, sum_thread, &jobs[t]) == 0;
-    }
-    for (int t = 0; t < t_n; t++)
-        if (!started[t]) sum_thread(&jobs[t]);
-    for (int t = 1; t < t_n; t++)
-        if (started[t]) pthread_join(tid[t], NULL);
+    for (int t = 0; t < t_n; t++) jobs[t] = (sum_job){w, n, blocks * t / t_n, blocks * (t + 1) / t_n, sums, block_sum};
+    run_jobs(sum_thread, jobs, sizeof jobs[0], t_n);
     double total = 0.0;
     for (int64_t b = 0; b < blocks; b++) total += sums[b];
     return total;
@@ -147,6 +182,25 @@ __attribute__((target("avx512f"))) static void values_avx512(const float *w, flo
     _mm_sfence();
     values_scalar(w + i, out + i, n - i, s);
 }
+
+/* The AVX2 form of the same: 8 at a time, the selects as and/or of the compare masks (a false compare
+ * gives all-zero bits: +0), streaming stores from the first 32-byte boundary of out (one core of an AMD
+ * EPYC without AVX512, 48 cold 17 MB matrices: see README's training-step benchmark). */
+__attribute__((target("avx2"))) static void values_avx2(const float *w, float *out, int64_t n, float s) {
+    int64_t head = (int64_t)(((32 - ((uintptr_t)out & 31)) & 31) / 4);
+    if (((uintptr_t)out & 3) || head > n) head = n;
+    values_scalar(w, out, head, s);
+    const __m256 half = _mm256_set1_ps(0.5f * s), nhalf = _mm256_set1_ps(-0.5f * s);
+    const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+    int64_t i = head;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(w + i);
+        const __m256 gt = _mm256_cmp_ps(x, half, _CMP_GT_OQ), lt = _mm256_cmp_ps(x, nhalf, _CMP_LT_OQ);
+        _mm256_stream_ps(out + i, _mm256_or_ps(_mm256_and_ps(gt, pos), _mm256_and_ps(lt, neg)));
+    }
+    _mm_sfence();
+    values_scalar(w + i, out + i, n - i, s);
+}
 #endif
 
 enum { STREAM_MIN = 1 << 20 }; /* weights (4 MiB, the L2 here) from which MOTE_ISA_AUTO streams the values */
@@ -162,21 +216,105 @@ int mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int 
     if (picked < 0) return -1;
     values_fn fn = values_scalar;
 #if defined(__x86_64__)
-    if (picked == MOTE_AVX512 && (isa != MOTE_ISA_AUTO || n >= STREAM_MIN)) fn = values_avx512;
+    if (isa != MOTE_ISA_AUTO || n >= STREAM_MIN) {
+        if (picked == MOTE_AVX512) fn = values_avx512;
+        if (picked == MOTE_AVX2) fn = values_avx2;
+    }
 #endif
     threads = jobs_for(n, threads);
     values_job jobs[MAX_JOBS];
-    pthread_t tid[MAX_JOBS];
-    int started[MAX_JOBS] = {0};
     for (int t = 0; t < threads; t++) {
         const int64_t b = n * t / threads, e = n * (t + 1) / threads;
         jobs[t] = (values_job){w + b, out + b, e - b, s, fn};
-        /* job 0 runs on the calling thread; a thread that cannot start runs here too */
-        started[t] = t > 0 && pthread_create(&tid[t], NULL, values_thread, &jobs[t]) == 0;
     }
-    for (int t = 0; t < threads; t++)
-        if (!started[t]) values_thread(&jobs[t]);
-    for (int t = 1; t < threads; t++)
-        if (started[t]) pthread_join(tid[t], NULL);
+    run_jobs(values_thread, jobs, sizeof jobs[0], threads);
+    return 0;
+}
+
+/* ---- activations: the value of quant.py int8_fake_quant, per row of K --------------------------------------
+ * q = clamp(rint(x * inv), -128, 127) with inv = (1 / amax) * 127 (torch's `127 / amax`: reciprocal, then times
+ * 127; the same order as ternary_mad.c mote_quant_act), value q * (amax / 127), amax = max |x| clamped to eps.
+ * Unlike the inference quantiser a NaN stays NaN, as in torch: a NaN in a row makes its amax NaN (torch's amax
+ * propagates it) and so every value of the row; the comparisons of the clamp keep a NaN. One C body per ISA
+ * path: no additions, so nothing for the compiler to reorder, and every path gives the same bits. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#define ROWS_FAKE_QUANT(name, attr)                                                                          \
+    attr static void name(const float *x, float *out, int64_t rows, int64_t K, float eps) {                \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const float *xr = x + r * K;                                                                     \
+            float *o = out + r * K;                                                                          \
+            /* 8 running maxima (a max is exact in any order) and 8 lanes of a - a: 0, or NaN once a NaN or \
+             * inf passed (an inf amax makes every value NaN too: inv is 0 and 0 * inf is NaN) */             \
+            v8f m = {0}, z = {0};                                                                            \
+            int64_t k = 0;                                                                                   \
+            for (; k + 8 <= K; k += 8) {                                                                     \
+                v8f a;                                                                                       \
+                __builtin_memcpy(&a, xr + k, sizeof a);                                                      \
+                a = (v8f)((v8i)a & 0x7fffffff);                                                              \
+                z += a - a;                                                                                  \
+                const v8i gt = a > m;                                                                        \
+                m = (v8f)(((v8i)a & gt) | ((v8i)m & ~gt));                                                   \
+            }                                                                                                \
+            float amax = 0.0f, zt = 0.0f;                                                                    \
+            for (; k < K; k++) {                                                                             \
+                const float a = __builtin_fabsf(xr[k]);                                                      \
+                zt += a - a;                                                                                 \
+                amax = a > amax ? a : amax;                                                                  \
+            }                                                                                                \
+            for (int j = 0; j < 8; j++) {                                                                    \
+                zt += z[j];                                                                                  \
+                amax = m[j] > amax ? m[j] : amax;                                                            \
+            }                                                                                                \
+            amax = zt != zt ? __builtin_nanf("") : (amax > eps ? amax : eps);                                     \
+            const float inv = (1.0f / amax) * 127.0f, step = amax / 127.0f;                                  \
+            for (k = 0; k < K; k++) {                                                                        \
+                float v = __builtin_rintf(xr[k] * inv);                                                      \
+                v = v > 127.0f ? 127.0f : (v < -128.0f ? -128.0f : v);                                       \
+                o[k] = v * step;                                                                             \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+ROWS_FAKE_QUANT(rows_fake_quant_scalar, )
+#if defined(__x86_64__)
+ROWS_FAKE_QUANT(rows_fake_quant_avx2, __attribute__((target("avx2"))))
+ROWS_FAKE_QUANT(rows_fake_quant_avx512, __attribute__((target("avx512f"))))
+#endif
+
+typedef void (*fake_quant_fn)(const float *, float *, int64_t, int64_t, float);
+
+typedef struct {
+    const float *x;
+    float *out;
+    int64_t rows, K;
+    float eps;
+    fake_quant_fn fn;
+} fake_quant_job;
+
+static void *fake_quant_thread(void *arg) {
+    const fake_quant_job *j = (const fake_quant_job *)arg;
+    j->fn(j->x, j->out, j->rows, j->K, j->eps);
+    return NULL;
+}
+
+int mote_act_fake_quant_f32(const float *x, int64_t T, int64_t K, float eps, float *out, int threads, int isa) {
+    isa = mote_isa_pick(isa);
+    if (isa < 0) return -1;
+    if (T < 0 || K <= 0) return -2;
+    fake_quant_fn fn = rows_fake_quant_scalar;
+#if defined(__x86_64__)
+    if (isa == MOTE_AVX512) fn = rows_fake_quant_avx512;
+    if (isa == MOTE_AVX2) fn = rows_fake_quant_avx2;
+#endif
+    threads = jobs_for(T * K, threads);
+    if (threads > T) threads = T < 1 ? 1 : (int)T;
+    fake_quant_job jobs[MAX_JOBS];
+    for (int t = 0; t < threads; t++) {
+        const int64_t b = T * t / threads, e = T * (t + 1) / threads;
+        jobs[t] = (fake_quant_job){x + b * K, out + b * K, e - b, K, eps, fn};
+    }
+    run_jobs(fake_quant_thread, jobs, sizeof jobs[0], threads);
     return 0;
 }
