@@ -102,11 +102,12 @@ def ternary_values(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     correctly rounded. s/2 is exact in float32. So hardshrink(w, s/2) keeps exactly the weights with
     code +-1 (the rest become +0), sign_ makes them +-1 and mul_ gives codes * s. A NaN weight makes s
     NaN and every value NaN, as the division form does."""
-    sv = float(s)
-    if w.dtype != torch.float32 or not math.isfinite(sv):  # (a NaN or inf weight: s is not finite)
+    # the division form itself: off the CPU (float(s) there would be a host read that waits for the device,
+    # once per matrix per step), for other dtypes, and where a NaN or inf weight made s not finite
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not math.isfinite(sv := float(s)):
         q = (w.float() / s).clamp_(-1, 1).round_()
         return q.mul_(s).add_(0.0).to(w.dtype)  # + 0 turns the -0 of a rounded small negative into +0
-    c = _c_kernels() if w.device.type == "cpu" and w.is_contiguous() else None
+    c = _c_kernels() if w.is_contiguous() else None
     if c is None:
         return F.hardshrink(w, sv * 0.5).sign_().mul_(s)
     out = torch.empty_like(w)

@@ -282,3 +282,17 @@ def test_activation_values_take_the_c_form_only_where_it_applies():
     xb = torch.randn(4, 33, generator=g).bfloat16()
     assert torch.equal(int8_fake_quant(xb), _torch_activation_values(xb).bfloat16())
     assert int8_fake_quant(torch.empty(0, 8)).shape == (0, 8)
+
+
+def test_weight_values_off_the_cpu_make_no_host_read():
+    """Off the CPU the ternary values are the division form on the device, with no float(s): on a GPU that
+    read would wait for the device once per matrix per step. A meta tensor has no data to read (float()
+    of it raises), so the call going through shows that no read happens; shapes and dtypes follow w."""
+    from mote_edge.quant import fake_quant_weight
+
+    with pytest.raises(RuntimeError):
+        float(torch.ones((), device="meta"))
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.empty(48, 32, device="meta", dtype=dtype)
+        q = fake_quant_weight(w)
+        assert q.device.type == "meta" and q.shape == w.shape and q.dtype == dtype
