@@ -2,6 +2,7 @@
 
     python -m mote_edge.benchmarks.fuzz --cases 100000 --reader gguf|safetensors|onnx|image|model|all -o OUT
            [--jobs N] [--seed S] [--minutes M] [--memory-limit-mb M] [--timeout S] [--kill-trials 20]
+    python -m mote_edge.benchmarks.fuzz --reader onnx --sweep int-attrs -o OUT [--jobs N]
 
 The corpus is made once per run: the embedded tiny MoTE checkpoint exported with mote-export (model.gguf +
 model-mmproj.gguf, and the ONNX folder), its model.safetensors, and the tiny task's PNG pictures (plus the
@@ -18,6 +19,10 @@ ONNX readers also answer a question) or raises MoteExportError with a one-line m
 a finding: another exception type, a multi-line message, MemoryError, a crash (signal), a hang. OUT gets
 fuzz.json, fuzz.md and findings/<reader>-<n>/ (the input files and the worker's report) for each
 finding signature (first 3 examples).
+
+--sweep int-attrs runs, instead of drawn cases, every int attribute of the three ONNX graphs set to every
+value of INTS, one case each: a random run reaches a given attribute only by chance, and an attribute value
+ONNX's shape inference does not check can abort onnxruntime's loader (onnx/onnx#8255, a Split).
 
 --kill-trials N also runs mote-export (GGUF, then ONNX) N times each, killed with SIGKILL at seeded random
 points (kill_trials), and checks that no destination path holds anything but nothing, the previous export
@@ -638,6 +643,18 @@ def _mutate_proto(raw: bytes, kind: str, i: int, j: int, data_size: int) -> byte
         if attrs:
             attrs[i % len(attrs)].i = INTS[j % len(INTS)]
     return m.SerializeToString()
+
+
+def int_attr_plans(L: OnnxLayout) -> list:
+    """--sweep int-attrs: one plan per (int attribute of a graph, value of INTS), in graph and node order."""
+    import onnx
+
+    plans = []
+    for g in GRAPHS:
+        m = onnx.load_model_from_string(L.files[g])
+        n = sum(a.type == onnx.AttributeProto.INT for node in m.graph.node for a in node.attribute)
+        plans += [[("proto", g, "attr_int", i, j)] for i in range(n) for j in range(len(INTS))]
+    return plans
 
 
 def apply_onnx(L: OnnxLayout, plan) -> dict:
@@ -1370,8 +1387,10 @@ class Stats:
 
 
 def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed: int, timeout: float,
-                memory_mb: int, work: Path, progress: bool = True, deadline: float | None = None) -> dict:
-    """Run `cases` hypothesis-drawn cases of one reader on `jobs` workers; the summary dict."""
+                memory_mb: int, work: Path, progress: bool = True, deadline: float | None = None,
+                plans: list | None = None) -> dict:
+    """Run `cases` hypothesis-drawn cases of one reader on `jobs` workers (or the given plans, each once);
+    the summary dict."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
     from tqdm import tqdm
@@ -1379,7 +1398,8 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
     stats = Stats(reader, out, str(work))
     workers = [Worker(memory_mb) for _ in range(jobs)]
     pending: dict = {}  # worker -> (case, dir, plan)
-    bar = tqdm(total=cases, desc=f"fuzz {reader}", unit="case", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=cases if plans is None else len(plans), desc=f"fuzz {reader}", unit="case",
+               disable=not progress, smoothing=0.05)
     n = [0]
 
     def collect(w: Worker) -> None:
@@ -1404,11 +1424,7 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
     class _Stop(Exception):
         pass
 
-    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False)
-    @hseed(seed)
-    @given(fz.strategy(reader))
-    def one(plan):
+    def submit(plan):
         if deadline is not None and time.monotonic() > deadline:
             raise _Stop()  # no shrink phase: hypothesis re-raises it at once
         while len(pending) >= len(workers):
@@ -1420,9 +1436,23 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
         w.start(case, timeout)
         pending[w] = (case, d, plan)
 
+    def drawn():
+        @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck), derandomize=False)
+        @hseed(seed)
+        @given(fz.strategy(reader))
+        def one(plan):
+            submit(plan)
+
+        one()
+
     try:
         try:
-            one()
+            if plans is None:
+                drawn()
+            else:
+                for plan in plans:
+                    submit(plan)
         except _Stop:
             pass
         while pending:
@@ -1435,8 +1465,9 @@ def fuzz_reader(fz: Fuzzer, reader: str, cases: int, out: Path, jobs: int, seed:
 
 
 def markdown(results: list[dict], args) -> str:
+    what = f"--sweep {args.sweep}" if getattr(args, "sweep", None) else f"--cases {args.cases}"
     lines = [f"# Fuzzing the readers ({time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"`python -m mote_edge.benchmarks.fuzz --cases {args.cases} --reader {args.reader} --jobs {args.jobs} "
+             f"`python -m mote_edge.benchmarks.fuzz {what} --reader {args.reader} --jobs {args.jobs} "
              f"--seed {args.seed}`; each case in a worker under RLIMIT_AS {args.memory_limit_mb} MiB, "
              "an alarm and a kill bounding its time.", "",
              "| reader | cases | wall s | loaded | rejected (one line) | other exceptions | crashes | hangs |",
@@ -1479,8 +1510,12 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default=None, help="folder for the exported corpus (default: a temporary one)")
     p.add_argument("--kill-trials", type=int, default=0, metavar="N",
                    help="also kill N mote-export runs per format (gguf, onnx) with SIGKILL and check the destination")
+    p.add_argument("--sweep", choices=("int-attrs",), default=None,
+                   help="instead of --cases drawn cases: every int attribute of the ONNX graphs x every value (--reader onnx)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.sweep and a.reader != "onnx":
+        p.error(f"--sweep {a.sweep} sweeps the ONNX folder reader: give --reader onnx")
     if a.worker:
         worker_main(a.memory_limit_mb)
         return 0
@@ -1495,7 +1530,7 @@ def main(argv=None) -> int:
         for r in readers:
             deadline = time.monotonic() + 60 * a.minutes if a.minutes else None
             res = fuzz_reader(fz, r, a.cases, out, a.jobs, a.seed, a.timeout or DEFAULT_TIMEOUT[r], a.memory_limit_mb,
-                              work, deadline=deadline)
+                              work, deadline=deadline, plans=int_attr_plans(fz.onnx) if a.sweep else None)
             results.append(res)
             _write(out, a, results, kills)
             print(f"{r}: {res['cases']} cases in {res['wall_s']} s: {res['outcomes']}", flush=True)

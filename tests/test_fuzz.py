@@ -281,3 +281,26 @@ def test_a_case_built_by_the_worker_equals_one_built_by_the_driver(fuzzer, worke
     bad = worker.run(fuzz.build_request(fuzzer, "gguf", ("llm", "not a plan"), tmp_path / "bad", 20), 20)
     assert bad["outcome"] == "error" and bad["type"].startswith("harness"), bad
     assert worker.run(fuzz.build_request(fuzzer, "gguf", plan, d, 20), 20)["outcome"] == "rejected"  # still serving
+
+
+def test_the_int_attribute_sweep_sets_each_attribute_to_each_value(fuzzer, tmp_path):
+    """--sweep int-attrs: one plan per (int attribute, INTS value) of each graph; a plan sets exactly that
+    attribute to that value and leaves every other one as exported; the plans run through the same workers
+    (a slice of them here: the whole sweep is 1,056 cases, about 3 minutes on 2 workers)."""
+    import onnx
+
+    def ints(raw):
+        m = onnx.load_model_from_string(raw)
+        return [a.i for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.INT]
+
+    plans = fuzz.int_attr_plans(fuzzer.onnx)
+    counts = {g: len(ints(fuzzer.onnx.files[g])) for g in fuzz.GRAPHS}
+    assert len(plans) == sum(counts.values()) * len(fuzz.INTS) and all(counts.values()), counts
+    assert len({repr(p) for p in plans}) == len(plans)
+    for plan in plans[:: 37]:
+        (_, g, _, i, j), = plan
+        before, after = ints(fuzzer.onnx.files[g]), ints(fuzz.apply_onnx(fuzzer.onnx, plan)[g])
+        assert after[i] == fuzz.INTS[j] and after[:i] + after[i + 1:] == before[:i] + before[i + 1:], (g, i, j)
+    res = fuzz.fuzz_reader(fuzzer, "onnx", 0, tmp_path / "out", 1, 0, 60, fuzz.DEFAULT_MEMORY_MB, tmp_path,
+                           progress=False, plans=plans[:6])
+    assert res["cases"] == 6 and res["crashes"] + res["hangs"] + res["other_exceptions"] == 0, res
