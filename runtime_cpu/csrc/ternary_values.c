@@ -163,17 +163,22 @@ static void values_scalar(const float *w, float *out, int64_t n, float s) {
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+/* How many floats go before out's first `bytes`-aligned address (streaming stores need it): all n where out
+ * is not even float aligned or the boundary lies past the end. */
+static int64_t aligned_head(const float *out, int64_t n, unsigned bytes) {
+    const int64_t head = (int64_t)(((bytes - ((uintptr_t)out & (bytes - 1))) & (bytes - 1)) / 4);
+    return ((uintptr_t)out & 3) || head > n ? n : head;
+}
+
 /* The same selects 16 at a time (ordered compares: false for NaN, as C's; maskz gives +0), written with
  * streaming stores: a matrix past the L2 goes back to memory before the matmul reads it anyway, and a
  * streaming store skips reading the line first (one core, 48 cold 17 MB matrices: 0.155 s -> 0.097 s,
  * the matmul after it unchanged). Stores from the first 64-byte boundary of out; the ends are scalar. */
 __attribute__((target("avx512f"))) static void values_avx512(const float *w, float *out, int64_t n, float s) {
-    int64_t head = (int64_t)(((64 - ((uintptr_t)out & 63)) & 63) / 4);
-    if (((uintptr_t)out & 3) || head > n) head = n;
-    values_scalar(w, out, head, s);
+    int64_t i = aligned_head(out, n, 64);
+    values_scalar(w, out, i, s);
     const __m512 half = _mm512_set1_ps(0.5f * s), nhalf = _mm512_set1_ps(-0.5f * s);
     const __m512 pos = _mm512_set1_ps(s), neg = _mm512_set1_ps(-s);
-    int64_t i = head;
     for (; i + 16 <= n; i += 16) {
         const __m512 x = _mm512_loadu_ps(w + i);
         const __mmask16 gt = _mm512_cmp_ps_mask(x, half, _CMP_GT_OQ), lt = _mm512_cmp_ps_mask(x, nhalf, _CMP_LT_OQ);
@@ -187,12 +192,10 @@ __attribute__((target("avx512f"))) static void values_avx512(const float *w, flo
  * gives all-zero bits: +0), streaming stores from the first 32-byte boundary of out (one core of an AMD
  * EPYC without AVX512, 48 cold 17 MB matrices: see README's training-step benchmark). */
 __attribute__((target("avx2"))) static void values_avx2(const float *w, float *out, int64_t n, float s) {
-    int64_t head = (int64_t)(((32 - ((uintptr_t)out & 31)) & 31) / 4);
-    if (((uintptr_t)out & 3) || head > n) head = n;
-    values_scalar(w, out, head, s);
+    int64_t i = aligned_head(out, n, 32);
+    values_scalar(w, out, i, s);
     const __m256 half = _mm256_set1_ps(0.5f * s), nhalf = _mm256_set1_ps(-0.5f * s);
     const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-    int64_t i = head;
     for (; i + 8 <= n; i += 8) {
         const __m256 x = _mm256_loadu_ps(w + i);
         const __m256 gt = _mm256_cmp_ps(x, half, _CMP_GT_OQ), lt = _mm256_cmp_ps(x, nhalf, _CMP_LT_OQ);
