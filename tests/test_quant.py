@@ -287,11 +287,11 @@ def test_activation_values_take_the_c_form_only_where_it_applies():
 def test_weight_values_off_the_cpu_make_no_host_read():
     """Off the CPU the ternary values are the division form on the device, with no float(s): on a GPU that
     read would wait for the device once per matrix per step. A meta tensor has no data to read (float()
-    of it raises), so the call going through shows that no read happens; shapes and dtypes follow w."""
+    of it raises RuntimeError, which fails this test), so the call going through shows that no read happens;
+    shapes and dtypes follow w. (No pytest.raises on float() here: under the suite's ASan run, torch's C++
+    throw trips ASan's __cxa_throw interceptor.)"""
     from mote_edge.quant import fake_quant_weight
 
-    with pytest.raises(RuntimeError):
-        float(torch.ones((), device="meta"))
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.empty(48, 32, device="meta", dtype=dtype)
         q = fake_quant_weight(w)
