@@ -11,8 +11,8 @@ evaluation the cached form is reused. Its straight-through backward is one autog
 from __future__ import annotations
 
 import ctypes
-import os
 import math
+import os
 import weakref
 
 import numpy as np

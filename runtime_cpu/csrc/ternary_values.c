@@ -239,7 +239,8 @@ int mote_ternary_values_f32(const float *w, int64_t n, float s, float *out, int 
  * 127; the same order as ternary_mad.c mote_quant_act), value q * (amax / 127), amax = max |x| clamped to eps.
  * Unlike the inference quantiser a NaN stays NaN, as in torch: a NaN in a row makes its amax NaN (torch's amax
  * propagates it) and so every value of the row; the comparisons of the clamp keep a NaN. One C body per ISA
- * path: no additions, so nothing for the compiler to reorder, and every path gives the same bits. */
+ * path: the values are a max (exact in any order) and per-element operations, and the only additions are the
+ * NaN flag's (0 or NaN whatever the order), so every path gives the same bits. */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -270,7 +271,7 @@ typedef int32_t v8i __attribute__((vector_size(32)));
                 zt += z[j];                                                                                  \
                 amax = m[j] > amax ? m[j] : amax;                                                            \
             }                                                                                                \
-            amax = zt != zt ? __builtin_nanf("") : (amax > eps ? amax : eps);                                     \
+            amax = zt != zt ? __builtin_nanf("") : (amax > eps ? amax : eps);                                \
             const float inv = (1.0f / amax) * 127.0f, step = amax / 127.0f;                                  \
             for (k = 0; k < K; k++) {                                                                        \
                 float v = __builtin_rintf(xr[k] * inv);                                                      \
